@@ -1,0 +1,1 @@
+"""Hyperparameter searches for image classifiers with Optuna, tracked in MLflow."""

@@ -1,0 +1,9 @@
+"""The one exception type for mistakes a user can make (bad overrides, missing data, ...).
+
+Raised anywhere in the package with a message written for people; the command-line entry
+points turn it into a clean non-zero exit with no traceback.
+"""
+
+
+class SearchError(Exception):
+    """A problem the user can fix; the message says what is wrong and what is allowed."""
