@@ -1,0 +1,158 @@
+"""The Optuna objective: trial -> parameters from the space -> train -> report/prune -> record.
+
+This is the only place where Optuna meets the trainer. Logging (MLflow, dashboard artifacts)
+plugs in as `TrialObserver`s, so this module imports neither mlflow nor optuna-dashboard.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import optuna
+import torch
+
+from search.config import StudyConfig
+from search.data import DATASETS, DatasetSpec, ImageSet, load_split, train_val_split
+from search.space import suggest
+from search.trainer import EpochMetrics, TrainingDiverged, train
+
+
+class TrialFailed(Exception):
+    """A trial that cannot finish (diverged, out of memory); the study goes on without it."""
+
+
+class TrialObserver(Protocol):
+    """Something that records trials as they run (MLflow, dashboard artifacts, ...)."""
+
+    def trial_started(self, trial: optuna.Trial, params: dict[str, Any]) -> None: ...
+
+    def epoch_ended(self, trial: optuna.Trial, metrics: EpochMetrics) -> None: ...
+
+    def trial_finished(self, trial: optuna.Trial, state: optuna.trial.TrialState,
+                       params: dict[str, Any], attrs: dict[str, Any],
+                       history: list[EpochMetrics]) -> None: ...
+
+
+@dataclass(frozen=True)
+class SearchData:
+    """The splits a search uses: train and validation only; the test set is never loaded here."""
+
+    spec: DatasetSpec
+    train: ImageSet
+    val: ImageSet
+
+
+def trial_seed(study_seed: int, trial_number: int) -> int:
+    """Each trial gets its own reproducible seed from the study seed and its number."""
+    return study_seed * 100_003 + trial_number
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+class Objective:
+    """Callable passed to `study.optimize`; returns the final epoch's validation accuracy.
+
+    The final epoch (not the best one) is the value, because the report retrains for the full
+    budget without a validation set to pick an epoch; the best epoch is still recorded.
+    """
+
+    def __init__(self, config: StudyConfig, data: SearchData, device: torch.device,
+                 observers: Sequence[TrialObserver] = ()) -> None:
+        self.config = config
+        self.data = data
+        self.device = device
+        self.observers = list(observers)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        params = suggest(trial, self.config.space)
+        fixed = {k: v for k, v in params.items() if k not in trial.params}
+        if fixed:
+            trial.set_user_attr("fixed_params", fixed)
+        for observer in self.observers:
+            observer.trial_started(trial, params)
+        history: list[EpochMetrics] = []
+        state = optuna.trial.TrialState.FAIL
+        attrs: dict[str, Any] = {}
+        started = time.perf_counter()
+
+        def on_epoch(metrics: EpochMetrics) -> bool:
+            history.append(metrics)
+            trial.report(metrics.val_accuracy, metrics.epoch)
+            for observer in self.observers:
+                observer.epoch_ended(trial, metrics)
+            return trial.should_prune()
+
+        try:
+            result = train(self.config.model, params, train_data=self.data.train,
+                           val_data=self.data.val, spec=self.data.spec, epochs=self.config.epochs,
+                           seed=trial_seed(self.config.seed, trial.number), device=self.device,
+                           on_epoch=on_epoch)
+            attrs = _summary(history, result.parameter_count, time.perf_counter() - started)
+            if result.stopped_early:
+                attrs["pruned_at_epoch"] = history[-1].epoch
+                state = optuna.trial.TrialState.PRUNED
+                _record(trial, attrs)
+                raise optuna.TrialPruned(f"pruned after epoch {history[-1].epoch}")
+            state = optuna.trial.TrialState.COMPLETE
+            _record(trial, attrs)
+            return history[-1].val_accuracy
+        except TrainingDiverged as error:
+            attrs = self._fail(trial, history, f"diverged: {error}", started)
+            raise TrialFailed(attrs["fail_reason"]) from None
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
+            if not is_out_of_memory(error):
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            attrs = self._fail(trial, history, f"out of memory: {str(error).splitlines()[0]}", started)
+            raise TrialFailed(attrs["fail_reason"]) from None
+        except KeyboardInterrupt:
+            attrs = self._fail(trial, history, "interrupted by the user (Ctrl-C)", started)
+            raise
+        finally:
+            for observer in self.observers:
+                observer.trial_finished(trial, state, params, attrs, history)
+
+    def _fail(self, trial: optuna.Trial, history: list[EpochMetrics], reason: str,
+              started: float) -> dict[str, Any]:
+        attrs = _summary(history, None, time.perf_counter() - started)
+        attrs["fail_reason"] = reason
+        _record(trial, attrs)
+        return attrs
+
+
+def _summary(history: list[EpochMetrics], parameter_count: int | None, seconds: float) -> dict[str, Any]:
+    """The per-trial facts the report and the dashboard show next to the value."""
+    attrs: dict[str, Any] = {"epochs_run": len(history), "train_seconds": round(seconds, 3)}
+    if parameter_count is not None:
+        attrs["parameter_count"] = parameter_count
+    scored = [m for m in history if m.val_accuracy is not None and math.isfinite(m.val_accuracy)]
+    if scored:
+        best = max(scored, key=lambda m: m.val_accuracy)
+        attrs["best_epoch"] = best.epoch
+        attrs["best_val_accuracy"] = best.val_accuracy
+    if history:
+        attrs["seconds_per_epoch"] = sum(m.epoch_seconds for m in history) / len(history)
+        attrs["images_per_second"] = sum(m.images_per_second for m in history) / len(history)
+    return attrs
+
+
+def _record(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
+
+
+def load_search_data(config: StudyConfig) -> SearchData:
+    """The training split of the dataset, cut into train and validation with the study seed."""
+    spec = DATASETS[config.dataset]
+    full = load_split(config.dataset, config.data_dir, train=True)
+    train_set, val_set = train_val_split(full, val_size=config.val_size or spec.val_size,
+                                         seed=config.seed)
+    return SearchData(spec=spec, train=train_set, val=val_set)

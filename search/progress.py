@@ -1,0 +1,70 @@
+"""What a person watching a study sees: a progress bar over trials with the best value so far on
+a terminal, and one plain line per trial everywhere (CI logs, files, `nohup`)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from tqdm import tqdm
+
+KEY_PARAMS = ("optimizer", "lr", "batch_size", "weight_decay")
+
+
+def format_params(params: dict[str, Any], keys: Iterable[str] = KEY_PARAMS, limit: int = 6) -> str:
+    """The params a person scans first (optimizer, lr, batch size), then the rest, briefly."""
+    ordered = [k for k in keys if k in params] + [k for k in params if k not in keys]
+    shown = [f"{k}={_short(params[k])}" for k in ordered[:limit]]
+    return " ".join(shown) + (" ..." if len(ordered) > limit else "")
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def describe_trial(trial: FrozenTrial) -> str:
+    """One line: number, state, value, epochs run and key params (and why it failed)."""
+    state = trial.state.name.lower()
+    value = f"{trial.value:.4f}" if trial.value is not None else "-"
+    epochs = trial.user_attrs.get("epochs_run", "?")
+    line = f"trial {trial.number:>3} {state:<8} val_accuracy={value} epochs={epochs}"
+    if trial.user_attrs.get("baseline") is not None:
+        line += " [baseline]"
+    line += "  " + format_params(trial.params)
+    if trial.state == TrialState.FAIL and trial.user_attrs.get("fail_reason"):
+        line += f"  ({trial.user_attrs['fail_reason']})"
+    return line
+
+
+class Progress:
+    """An Optuna callback; the bar shows only on a terminal, the per-trial lines always."""
+
+    def __init__(self, total: int, done: int, stream=None) -> None:
+        self.stream = stream or sys.stderr
+        self.bar = tqdm(total=total, initial=done, unit="trial", dynamic_ncols=True,
+                        file=self.stream, disable=not self.stream.isatty(), desc="trials")
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        message = describe_trial(trial)
+        if self.bar.disable:
+            print(message, file=sys.stdout, flush=True)
+        else:
+            self.bar.write(message)
+        if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            self.bar.update(1)
+        best = _best_value(study)
+        if best is not None:
+            self.bar.set_postfix_str(f"best={best:.4f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _best_value(study: optuna.Study) -> float | None:
+    try:
+        return study.best_value
+    except ValueError:  # no complete trial yet
+        return None

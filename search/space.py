@@ -1,0 +1,221 @@
+"""The search space as data: YAML entries become `ParamSpec`s, and one function turns them into
+`trial.suggest_*` calls, so no space is ever written in Python.
+
+An entry is a distribution (`float`, `int`, `categorical`) or a fixed value, optionally active only
+when an earlier parameter has one of some values (`when: {optimizer: [sgd, rmsprop]}`), which is how
+an optimizer's own parameters (SGD's momentum, Adam's betas) appear only where they mean something.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+
+from search.errors import SearchError
+
+KINDS = ("float", "int", "categorical")
+_FIELDS = {
+    "float": {"type", "low", "high", "log", "step", "when"},
+    "int": {"type", "low", "high", "log", "step", "when"},
+    "categorical": {"type", "choices", "when"},
+}
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One searchable (or fixed) hyperparameter.
+
+    `kind` is "float", "int", "categorical" or "fixed"; `when` maps a parent parameter to the
+    values for which this one is active.
+    """
+
+    name: str
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] = ()
+    value: Any = None
+    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+
+    def is_active(self, params: Mapping[str, Any]) -> bool:
+        """Whether the parents this entry depends on took one of the values it needs."""
+        return all(params.get(parent) in values for parent, values in self.when)
+
+    def contains(self, value: Any) -> bool:
+        """Whether `value` is one this entry can produce (used to check baselines)."""
+        if self.kind == "fixed":
+            return value == self.value
+        if self.kind == "categorical":
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.kind == "int" and int(value) != value:
+            return False
+        return self.low <= value <= self.high
+
+    def describe(self) -> str:
+        """A short human-readable form, for --help, the report and the dashboard note."""
+        if self.kind == "fixed":
+            text = f"= {self.value!r}"
+        elif self.kind == "categorical":
+            text = "one of " + ", ".join(str(c) for c in self.choices)
+        else:
+            text = f"{self.kind} in [{self.low:g}, {self.high:g}]" + (" log" if self.log else "")
+            if self.step:
+                text += f" step {self.step:g}"
+        if self.when:
+            conditions = " and ".join(f"{p} in {list(v)}" for p, v in self.when)
+            text += f" (when {conditions})"
+        return text
+
+
+def _fail(name: str, message: str) -> SearchError:
+    return SearchError(f"space.{name}: {message}")
+
+
+def _number(name: str, field: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(name, f"'{field}' must be a number, got {value!r}.")
+    return value
+
+
+def parse_param(name: str, entry: Any, earlier: Sequence[str]) -> ParamSpec:
+    """Validates one YAML entry; `earlier` are the names defined before it (possible parents)."""
+    if not isinstance(entry, Mapping):
+        if isinstance(entry, (list, tuple)):
+            raise _fail(name, "a list is not a value; write {type: categorical, choices: [...]}.")
+        return ParamSpec(name=name, kind="fixed", value=entry)
+    kind = entry.get("type")
+    if kind not in KINDS:
+        raise _fail(name, f"'type' must be one of {', '.join(KINDS)} (got {kind!r}); "
+                          "a plain value instead of a mapping fixes the parameter.")
+    unknown = sorted(set(entry) - _FIELDS[kind])
+    if unknown:
+        hint = difflib.get_close_matches(unknown[0], _FIELDS[kind], n=1)
+        raise _fail(name, f"unknown field '{unknown[0]}' for a {kind} parameter"
+                          + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                          + f"; allowed: {', '.join(sorted(_FIELDS[kind]))}.")
+    when = _parse_when(name, entry.get("when"), earlier)
+    if kind == "categorical":
+        choices = entry.get("choices")
+        if not isinstance(choices, Sequence) or isinstance(choices, str) or not choices:
+            raise _fail(name, f"'choices' must be a non-empty list, got {choices!r}.")
+        if len(set(map(repr, choices))) != len(choices):
+            raise _fail(name, f"'choices' has duplicates: {list(choices)}.")
+        return ParamSpec(name=name, kind=kind, choices=tuple(choices), when=when)
+    for field in ("low", "high"):
+        if field not in entry:
+            raise _fail(name, f"a {kind} parameter needs '{field}'.")
+    low = _number(name, "low", entry["low"])
+    high = _number(name, "high", entry["high"])
+    log = entry.get("log", False)
+    step = entry.get("step")
+    if not isinstance(log, bool):
+        raise _fail(name, f"'log' must be true or false, got {log!r}.")
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise _fail(name, f"bounds must be finite, got low={low}, high={high}.")
+    if low > high:
+        raise _fail(name, f"empty range: low={low} is greater than high={high}.")
+    if log and low <= 0:
+        raise _fail(name, f"a log range needs low > 0, got low={low}.")
+    if step is not None:
+        step = _number(name, "step", step)
+        if step <= 0:
+            raise _fail(name, f"'step' must be positive, got {step}.")
+        if log:
+            raise _fail(name, "'step' and 'log: true' cannot be combined.")
+    if kind == "int":
+        for field, value in (("low", low), ("high", high), ("step", step)):
+            if value is not None and int(value) != value:
+                raise _fail(name, f"an int parameter needs whole numbers, '{field}' is {value}.")
+        low, high, step = int(low), int(high), int(step) if step is not None else None
+    return ParamSpec(name=name, kind=kind, low=low, high=high, log=log, step=step, when=when)
+
+
+def _parse_when(name: str, when: Any, earlier: Sequence[str]) -> tuple[tuple[str, tuple], ...]:
+    if when is None:
+        return ()
+    if not isinstance(when, Mapping) or not when:
+        raise _fail(name, f"'when' must map a parameter to its value(s), got {when!r}.")
+    parsed = []
+    for parent, values in when.items():
+        if parent not in earlier:
+            raise _fail(name, f"'when' refers to '{parent}', which must be a parameter defined "
+                              f"before '{name}' (defined before it: {', '.join(earlier) or 'none'}).")
+        values = tuple(values) if isinstance(values, (list, tuple)) else (values,)
+        parsed.append((str(parent), values))
+    return tuple(parsed)
+
+
+def parse_space(raw: Mapping[str, Any], allowed: Sequence[str]) -> tuple[ParamSpec, ...]:
+    """Validates a whole space; `allowed` is the vocabulary the model and trainer understand."""
+    if not isinstance(raw, Mapping) or not raw:
+        raise SearchError("space: the study needs a non-empty 'space' mapping of parameters.")
+    specs: list[ParamSpec] = []
+    for name, entry in raw.items():
+        if name not in allowed:
+            hint = difflib.get_close_matches(str(name), allowed, n=1)
+            raise SearchError(
+                f"space.{name}: unknown parameter"
+                + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                + f". The model and trainer understand: {', '.join(sorted(allowed))}.")
+        specs.append(parse_param(str(name), entry, [s.name for s in specs]))
+    return tuple(specs)
+
+
+def suggest(trial: optuna.Trial, space: Sequence[ParamSpec]) -> dict[str, Any]:
+    """Samples a trial's parameters in space order; inactive conditionals are left out."""
+    params: dict[str, Any] = {}
+    for spec in space:
+        if not spec.is_active(params):
+            continue
+        if spec.kind == "fixed":
+            params[spec.name] = spec.value
+        elif spec.kind == "categorical":
+            params[spec.name] = trial.suggest_categorical(spec.name, list(spec.choices))
+        elif spec.kind == "int":
+            params[spec.name] = trial.suggest_int(
+                spec.name, spec.low, spec.high, step=spec.step or 1, log=spec.log)
+        else:
+            params[spec.name] = trial.suggest_float(
+                spec.name, spec.low, spec.high, step=spec.step, log=spec.log)
+    return params
+
+
+def check_baseline(index: int, baseline: Mapping[str, Any], space: Sequence[ParamSpec]) -> str | None:
+    """Returns why a baseline does not fit the space (after overrides), or None when it fits.
+
+    Params a baseline leaves out are sampled; params it sets must be active and in range.
+    """
+    by_name = {spec.name: spec for spec in space}
+    unknown = [k for k in baseline if k not in by_name]
+    if unknown:
+        return f"baseline {index} sets '{unknown[0]}', which is not in the space"
+    resolved: dict[str, Any] = {}
+    for spec in space:
+        if not spec.is_active(resolved):
+            if spec.name in baseline:
+                return f"baseline {index} sets '{spec.name}', which is inactive for it"
+            continue
+        if spec.kind == "fixed":
+            resolved[spec.name] = spec.value
+            if spec.name in baseline and baseline[spec.name] != spec.value:
+                return f"baseline {index} has {spec.name}={baseline[spec.name]!r}, but it is fixed to {spec.value!r}"
+        elif spec.name in baseline:
+            if not spec.contains(baseline[spec.name]):
+                return f"baseline {index} has {spec.name}={baseline[spec.name]!r}, outside {spec.describe()}"
+            resolved[spec.name] = baseline[spec.name]
+    return None
+
+
+def searched_params(baseline: Mapping[str, Any], space: Sequence[ParamSpec]) -> dict[str, Any]:
+    """The part of a baseline that Optuna must be told (fixed values are not Optuna params)."""
+    fixed = {spec.name for spec in space if spec.kind == "fixed"}
+    return {k: v for k, v in baseline.items() if k not in fixed}

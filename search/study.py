@@ -1,0 +1,168 @@
+"""Opening a study: storage, sampler, pruner, baselines and the config fingerprint that keeps a
+resumed study from silently mixing trials run under different settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy
+from optuna.trial import TrialState
+
+from search.config import DEFAULT_STORAGE, StudyConfig
+from search.errors import SearchError
+from search.space import searched_params
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# A worker killed without a chance to clean up (SIGKILL, power loss) leaves its trial RUNNING;
+# heartbeats let the next run mark such trials FAIL instead of keeping them RUNNING forever.
+HEARTBEAT_SECONDS = 60
+GRACE_SECONDS = 180
+
+
+def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
+    name, seed = config.sampler.name, config.seed
+    if name == "tpe":
+        # constant_liar keeps parallel workers from proposing the same point.
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.sampler.n_startup_trials,
+                                          constant_liar=True)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=config.sampler.n_startup_trials)
+    raise SearchError(f"sampler={name!r}: unknown; allowed: tpe, random, gp.")
+
+
+def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
+    """Pruning is the early stopping: every pruner works on epochs as its resource."""
+    p, epochs = config.pruner, config.epochs
+    if p.name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource, max_resource=epochs,
+                                              reduction_factor=p.reduction_factor)
+    if p.name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=p.min_resource,
+                                                      reduction_factor=p.reduction_factor)
+    if p.name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials,
+                                           n_warmup_steps=p.n_warmup_steps)
+    if p.name == "patient":
+        # The hand-tuned reports' rule: stop once validation accuracy has not improved for
+        # `patience` epochs.
+        return optuna.pruners.PatientPruner(None, patience=p.patience)
+    if p.name == "none":
+        return optuna.pruners.NopPruner()
+    raise SearchError(f"pruner={p.name!r}: unknown; allowed: hyperband, median, "
+                      "successive_halving, patient, none.")
+
+
+def check_storage(url: str) -> None:
+    """Fails early, with a message, when the storage URL is malformed or cannot be reached.
+
+    The default SQLite file's folder is created; any other SQLite folder must already exist,
+    so a typo in a path does not silently start a new, empty study somewhere else.
+    """
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise SearchError(f"storage={url!r}: not a storage URL; write e.g. sqlite:///mlruns/optuna.db "
+                          "or postgresql://user:password@host/db.") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        folder = Path(parsed.database).expanduser().resolve().parent
+        if url == DEFAULT_STORAGE:
+            folder.mkdir(parents=True, exist_ok=True)
+        elif not folder.is_dir():
+            raise SearchError(f"storage={url}: the folder {folder} does not exist.")
+        return
+    try:
+        engine = sqlalchemy.create_engine(url, connect_args=_connect_timeout(parsed))
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as error:  # noqa: BLE001 - any driver error means "cannot use this storage"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SearchError(f"storage={url}: cannot connect ({reason}). Check that the database "
+                          "server is running and the URL is right.") from None
+
+
+def _connect_timeout(parsed: sqlalchemy.engine.URL) -> dict[str, Any]:
+    return {"connect_timeout": 10} if parsed.get_backend_name() in ("postgresql", "mysql") else {}
+
+
+def make_storage(url: str) -> optuna.storages.BaseStorage:
+    return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS,
+                                      grace_period=GRACE_SECONDS)
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config trees, with both values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for key in sorted(set(old) | set(new), key=str):
+            found += _differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key))
+        return found
+    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
+
+
+def existing_study_id(storage: optuna.storages.BaseStorage, name: str) -> int | None:
+    try:
+        return storage.get_study_id_from_name(name)
+    except KeyError:
+        return None
+
+
+def check_resume(config: StudyConfig, storage: optuna.storages.BaseStorage) -> bool:
+    """True when the study exists; refuses (before any change) when its config differs."""
+    study_id = existing_study_id(storage, config.study_name)
+    if study_id is None:
+        return False
+    stored = storage.get_study_user_attrs(study_id).get("fingerprint_source")
+    current = json.loads(json.dumps(config.fingerprint_source(), default=str))
+    if stored is not None and stored != current:
+        changes = _differences(stored, current)
+        shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+        raise SearchError(
+            f"study '{config.study_name}' in {config.storage} was created with a different config "
+            f"({shown}). Resuming would mix incomparable trials: rerun with the original values to "
+            f"resume it, or add study_name=NEW_NAME to start a new study.")
+    return True
+
+
+def open_study(config: StudyConfig) -> tuple[optuna.Study, bool]:
+    """Creates the study (storing its config and enqueuing its baselines) or resumes it.
+
+    Returns the study and whether it was resumed.
+    """
+    storage = make_storage(config.storage)
+    resumed = check_resume(config, storage)
+    study = optuna.create_study(storage=storage, study_name=config.study_name,
+                                direction=config.direction, sampler=make_sampler(config),
+                                pruner=make_pruner(config), load_if_exists=True)
+    if not resumed:
+        study.set_user_attr("fingerprint_source",
+                            json.loads(json.dumps(config.fingerprint_source(), default=str)))
+        study.set_user_attr("fingerprint", config.fingerprint())
+        study.set_user_attr("config", json.loads(json.dumps(config.raw, default=str)))
+        for model_key in ("model", "dataset", "epochs"):
+            study.set_user_attr(model_key, getattr(config, model_key))
+        for index, baseline in enumerate(config.baselines):
+            study.enqueue_trial(searched_params(baseline, config.space),
+                                user_attrs={"baseline": index}, skip_if_exists=True)
+    else:
+        _requeue_interrupted_baselines(study, config)
+    return study, resumed
+
+
+def _requeue_interrupted_baselines(study: optuna.Study, config: StudyConfig) -> None:
+    """A baseline whose trial was interrupted (Ctrl-C) runs again on resume: it is the reference
+    every other trial is compared with, so a study should not end up without it."""
+    trials = study.get_trials(deepcopy=False)
+    for index, baseline in enumerate(config.baselines):
+        mine = [t for t in trials if t.user_attrs.get("baseline") == index]
+        if mine and not any(t.state in (*FINISHED, TrialState.WAITING, TrialState.RUNNING) for t in mine):
+            study.enqueue_trial(searched_params(baseline, config.space), user_attrs={"baseline": index})
+
+
+def count_finished(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
