@@ -200,7 +200,19 @@ def _parse_value(key: str, text: str) -> Any:
                           "[a,b,c], strings need no quotes.") from None
     if isinstance(value, str) and text.strip().startswith(("[", "{")):
         raise SearchError(f"{key}={text}: malformed list or mapping.")
+    return _numbers_in(value)
+
+
+def _numbers_in(value: Any) -> Any:
+    """YAML 1.1 reads `1e-3` (no dot) as a string; people mean a number."""
+    if isinstance(value, list):
+        return [_numbers_in(v) for v in value]
+    if isinstance(value, str) and _FLOAT.fullmatch(value):
+        return float(value)
     return value
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def valid_keys(tree: dict[str, Any]) -> list[str]:

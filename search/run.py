@@ -51,13 +51,13 @@ def run(config: StudyConfig) -> int:
     device = resolve_device(config.device)
     data = load_search_data(config)
     check_storage(config.storage)
-    check_resume(config, make_storage(config.storage))
     if config.dry_run:
         for label, params, report in dry_run(config.model, config.space, data.spec, device):
             print(f"dry run: {label} model ok - {report['parameter_count']:,} parameters, "
                   f"loss {report['loss']:.3f}  ({format_params(params, limit=99)})")
         print("dry run: the space works; nothing was written to the storage.")
         return 0
+    check_resume(config, make_storage(config.storage))
     for reason in config.skipped_baselines:
         print(f"note: {reason}; that baseline is skipped.")
     observers = make_observers(config)

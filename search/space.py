@@ -19,6 +19,9 @@ import optuna
 from search.errors import SearchError
 
 KINDS = ("float", "int", "categorical")
+# Names people write for our parameters, so the error can point to the right one.
+ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "bs": "batch_size", "opt": "optimizer",
+           "kernel_size": "kernel_size_1", "width": "width_1", "drop": "dropout"}
 _FIELDS = {
     "float": {"type", "low", "high", "log", "step", "when"},
     "int": {"type", "low", "high", "log", "step", "when"},
@@ -161,7 +164,7 @@ def parse_space(raw: Mapping[str, Any], allowed: Sequence[str]) -> tuple[ParamSp
     specs: list[ParamSpec] = []
     for name, entry in raw.items():
         if name not in allowed:
-            hint = difflib.get_close_matches(str(name), allowed, n=1)
+            hint = [ALIASES[name]] if name in ALIASES else difflib.get_close_matches(str(name), allowed, n=1)
             raise SearchError(
                 f"space.{name}: unknown parameter"
                 + (f" (did you mean '{hint[0]}'?)" if hint else "")

@@ -1,0 +1,137 @@
+"""The real command line, in subprocesses, on `dataset=fake`: help, --cfg, user errors,
+pruning, Ctrl-C and resume, baselines."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import TINY, cli_env, load, run_cli
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def test_help_lists_keys_studies_and_examples(tmp_path):
+    result = run_cli("search.run", "--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for fragment in ("usage: python -m search.run", "n_trials", "pruner", "space.NAME.FIELD",
+                     "tracking_uri", "studies: cnn3, resnet20", "examples:"):
+        assert fragment in result.stdout
+
+
+def test_cfg_prints_the_resolved_config_and_runs_nothing(tmp_path):
+    result = run_cli("search.run", "study=cnn3", "epochs=4", "space.lr.high=0.05", "--cfg", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "epochs: 4" in result.stdout and "high: 0.05" in result.stdout
+    assert not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["study=cnn3", "epoch=3"], "did you mean 'epochs'"),
+    (["study=cnn3", "space.lr.low=1", "space.lr.high=0.1"], "greater than high"),
+    (["study=cnn3", "space.optimizer.choices=[sgd,"], "malformed"),
+    (["study=nope"], "Available studies: cnn3, resnet20"),
+    (["study=cnn3", "dataset=cifar10", "data_dir=missing"], "cifar-10-batches-py"),
+])
+def test_user_errors_exit_2_without_traceback_or_storage(tmp_path, args, fragment):
+    db = tmp_path / "o.db"
+    result = run_cli("search.run", *args, f"storage=sqlite:///{db}", "tracking_uri=none", cwd=tmp_path)
+    assert result.returncode == 2
+    assert fragment in result.stderr and result.stderr.startswith("error: ")
+    assert "Traceback" not in result.stderr
+    assert not db.exists()
+
+
+def test_changed_config_on_resume_is_refused(tmp_path, storage):
+    first = run_cli("search.run", "study=cnn3", *TINY, f"storage={storage}", "epochs=1",
+                    "n_trials=1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    db = Path(storage.removeprefix("sqlite:///"))
+    before = db.read_bytes()
+    again = run_cli("search.run", "study=cnn3", *TINY, f"storage={storage}", "epochs=2",
+                    "n_trials=2", cwd=tmp_path)
+    assert again.returncode == 2
+    assert "epochs: 1 -> 2" in again.stderr and "study_name=" in again.stderr
+    assert db.read_bytes() == before
+
+
+def test_aggressive_pruner_prunes_and_reaches_n_trials(tmp_path, storage):
+    result = run_cli("search.run", "study=cnn3", *TINY, f"storage={storage}", "epochs=4",
+                     "n_trials=8", "pruner=successive_halving", "pruner.reduction_factor=2",
+                     "sampler=random", "space.lr.low=1e-5", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    trials = load(storage).trials
+    states = [t.state for t in trials]
+    assert sum(s in FINISHED for s in states) == 8
+    assert TrialState.PRUNED in states and TrialState.COMPLETE in states
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert all(t.user_attrs["pruned_at_epoch"] == t.user_attrs["epochs_run"] < 4 for t in pruned)
+    assert "pruned" in result.stdout and "Best: trial" in result.stdout
+    assert "optuna-dashboard" in result.stdout and "search.report" in result.stdout
+    # Rerunning the finished study runs nothing more.
+    again = run_cli("search.run", "study=cnn3", *TINY, f"storage={storage}", "epochs=4",
+                    "n_trials=8", "pruner=successive_halving", "pruner.reduction_factor=2",
+                    "sampler=random", "space.lr.low=1e-5", cwd=tmp_path)
+    assert again.returncode == 0 and "Nothing to do" in again.stdout
+    assert len(load(storage).trials) == len(trials)
+
+
+def test_baseline_is_trial_zero(tmp_path, storage):
+    # Narrow the space around the shipped baseline instead of editing it: tiny but it still fits.
+    args = ["dataset=fake", "tracking_uri=none", "device=cpu", "space.width_1.choices=[32]",
+            "space.width_2.choices=[64]", "space.width_3.choices=[128]", "space.hidden_1.choices=[256]"]
+    result = run_cli("search.run", "study=cnn3", *args, f"storage={storage}", "epochs=1",
+                     "n_trials=2", "pruner=none", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    first = load(storage).trials[0]
+    assert first.user_attrs["baseline"] == 0
+    assert (first.params["optimizer"], first.params["lr"], first.params["batch_size"]) == ("adam", 1e-3, 64)
+    assert first.params["kernel_size_1"] == 3 and first.params["dropout"] == 0.1
+    assert "[baseline]" in result.stdout
+
+
+def test_dry_run_builds_both_extremes_and_writes_nothing(tmp_path, storage):
+    result = run_cli("search.run", "study=cnn3", "dataset=fake", "tracking_uri=none", "dry_run=true",
+                     f"storage={storage}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "smallest model ok" in result.stdout and "largest model ok" in result.stdout
+    assert not Path(storage.removeprefix("sqlite:///")).exists()
+
+
+def test_sigint_then_rerun_completes_without_lost_or_duplicated_trials(tmp_path, storage):
+    args = ["study=cnn3", *TINY, f"storage={storage}", "epochs=3", "n_trials=5", "pruner=none"]
+    process = subprocess.Popen([sys.executable, "-m", "search.run", *args], cwd=tmp_path,
+                               env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    # Interrupt once a trial has finished and the next one is running.
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            trials = optuna.load_study(study_name="cnn3", storage=storage).trials
+        except KeyError:
+            trials = []
+        if any(t.state in FINISHED for t in trials) and any(t.state == TrialState.RUNNING for t in trials):
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "Rerun the same command to resume" in err and "Traceback" not in err
+    interrupted = load(storage).trials
+    assert not [t for t in interrupted if t.state == TrialState.RUNNING]
+    failed = [t for t in interrupted if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and "interrupted" in failed[0].user_attrs["fail_reason"]
+
+    rerun = run_cli("search.run", *args, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "Resuming study" in rerun.stdout
+    trials = load(storage).trials
+    assert sum(t.state in FINISHED for t in trials) == 5
+    assert [t.number for t in trials] == list(range(len(trials)))
+    assert len(trials) == 5 + len(failed)

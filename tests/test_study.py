@@ -1,0 +1,109 @@
+"""Opening, resuming and running studies in-process: baselines, fingerprints, failing trials."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from conftest import TINY
+from search import objective as objective_module
+from search.config import load_config
+from search.errors import SearchError
+from search.space import suggest
+from search.objective import Objective, TrialFailed, load_search_data, trial_seed
+from search.study import check_resume, check_storage, make_pruner, make_storage, open_study
+
+
+def config_for(storage: str, *extra: str):
+    return load_config(["study=cnn3", f"storage={storage}", "epochs=2", *TINY, *extra])
+
+
+def test_baseline_is_trial_zero_and_not_enqueued_twice(storage):
+    config = load_config(["study=cnn3", f"storage={storage}", "dataset=fake", "epochs=2"])
+    study, resumed = open_study(config)
+    assert not resumed
+    study, resumed = open_study(config)
+    assert resumed
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == 1 and waiting[0].number == 0
+    trial = study.ask()
+    params = suggest(trial, config.space)
+    assert trial.number == 0 and params == {**config.baselines[0], "batch_norm": True}
+
+
+def test_changed_config_is_refused_and_storage_untouched(storage):
+    open_study(config_for(storage))
+    changed = config_for(storage, "epochs=3", "space.lr.high=0.05")
+    before = optuna.load_study(study_name="cnn3", storage=storage).user_attrs
+    with pytest.raises(SearchError) as caught:
+        check_resume(changed, make_storage(storage))
+    message = str(caught.value)
+    assert "epochs: 2 -> 3" in message and "space.lr.high: 0.3 -> 0.05" in message
+    assert "study_name=" in message
+    assert optuna.load_study(study_name="cnn3", storage=storage).user_attrs == before
+    # n_trials and timeout are not part of what a trial means: resuming with new ones is fine.
+    assert check_resume(config_for(storage, "n_trials=50", "timeout=9"), make_storage(storage))
+
+
+def test_storage_errors(tmp_path):
+    with pytest.raises(SearchError, match="not a storage URL"):
+        check_storage("not a url")
+    with pytest.raises(SearchError, match="does not exist"):
+        check_storage(f"sqlite:///{tmp_path}/missing/dir/x.db")
+    with pytest.raises(SearchError, match="cannot connect"):
+        check_storage("postgresql://nobody:pw@127.0.0.1:1/none")
+
+
+def test_pruners_use_epochs_as_resource():
+    for name, cls in (("hyperband", optuna.pruners.HyperbandPruner),
+                      ("successive_halving", optuna.pruners.SuccessiveHalvingPruner),
+                      ("median", optuna.pruners.MedianPruner), ("patient", optuna.pruners.PatientPruner),
+                      ("none", optuna.pruners.NopPruner)):
+        assert isinstance(make_pruner(load_config(["study=cnn3", f"pruner={name}"])), cls)
+
+
+def _run(config, n_trials, monkeypatch=None):
+    study, _ = open_study(config)
+    objective = Objective(config, load_search_data(config), torch.device("cpu"))
+    study.optimize(objective, n_trials=n_trials, catch=(TrialFailed,))
+    return study
+
+
+def test_diverging_trial_fails_alone(storage):
+    config = config_for(storage, "space.optimizer=sgd", "space.lr.low=1e5", "space.lr.high=1e6",
+                        "space.batch_norm=false", "n_trials=2")
+    study = _run(config, 2)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
+    assert all("diverged" in t.user_attrs["fail_reason"] for t in study.trials)
+
+
+def test_out_of_memory_fails_alone_and_the_study_goes_on(storage, monkeypatch):
+    real_train = objective_module.train
+    calls = []
+
+    def train_that_runs_out_of_memory_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(objective_module, "train", train_that_runs_out_of_memory_once)
+    study = _run(config_for(storage), 2)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert study.trials[0].user_attrs["fail_reason"].startswith("out of memory")
+
+
+def test_complete_trial_records_its_facts(storage):
+    study = _run(config_for(storage, "pruner=none"), 1)
+    trial = study.trials[0]
+    assert trial.state == TrialState.COMPLETE
+    assert trial.intermediate_values.keys() == {1, 2}
+    assert trial.value == trial.intermediate_values[2]
+    for key in ("best_epoch", "epochs_run", "parameter_count", "seconds_per_epoch",
+                "images_per_second", "best_val_accuracy"):
+        assert key in trial.user_attrs
+    assert trial.user_attrs["epochs_run"] == 2
+    assert trial.user_attrs["fixed_params"] == {"batch_norm": True}
+    assert trial_seed(0, 1) != trial_seed(0, 2) != trial_seed(1, 1)
