@@ -1,0 +1,126 @@
+"""Opening a finished (or still running) study for reading: its storage, its stored config, and
+the exact parameters each trial trained with.
+
+The storage URL and study name resolve exactly as in `search.run` (the study file through
+`load_config`, then `storage=` / `study_name=` overrides); what the trials *mean* (model, data
+set, epochs, space, baselines) comes from the config the study stored when it was created, so a
+study file edited since cannot change how old trials are read or retrained.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import optuna
+import sqlalchemy
+from optuna.trial import FrozenTrial
+
+from search.config import DEFAULT_STORAGE, StudyConfig, build_config, resolve_tree
+from search.errors import SearchError
+from search.space import suggest
+from search.study import check_storage
+
+# Keys that say where things are on this machine, not what the study is: a user may point
+# them elsewhere when reading a study (another data folder, another device, another MLflow).
+LOCAL_KEYS = ("data_dir", "device", "tracking_uri")
+LOCATION_KEYS = ("study", "storage", "study_name", *LOCAL_KEYS)
+
+
+class StudySource(NamedTuple):
+    """A study opened for reading, with the config its trials were run under."""
+
+    config: StudyConfig
+    study: optuna.Study
+    # Whether the config came from the study itself (False: an old study without one, read
+    # with today's study file).
+    config_from_storage: bool = True
+
+
+def open_source(overrides: dict[str, Any]) -> StudySource:
+    """Opens the study named by `study=` (and optional `storage=`, `study_name=`, local keys).
+
+    Raises:
+        SearchError: unknown study file, storage that does not exist or cannot be reached,
+            no study of that name in the storage, or a key that is not a location key.
+    """
+    unknown = [key for key in overrides if key not in LOCATION_KEYS]
+    if unknown:
+        raise SearchError(
+            f"{unknown[0]}: cannot be changed when reading a study (its trials were run with the "
+            f"values the study stored); allowed here: {', '.join(LOCATION_KEYS)}.")
+    current = build_config(resolve_tree(list(overrides.items())))
+    storage = _open_storage(current.storage)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    if current.study_name not in names:
+        hint = difflib.get_close_matches(current.study_name, names, n=1)
+        raise SearchError(
+            f"no study named '{current.study_name}' in {current.storage}"
+            + (f" (did you mean '{hint[0]}'?)" if hint else "")
+            + f". Studies there: {', '.join(names) or 'none'}. Pass storage=URL and/or "
+            "study_name=NAME as given to search.run.")
+    study = optuna.load_study(study_name=current.study_name, storage=storage)
+    stored = study.user_attrs.get("config")
+    if not isinstance(stored, dict):
+        return StudySource(current, study, config_from_storage=False)
+    tree = {**current.raw, **stored}
+    tree["storage"], tree["study_name"] = current.storage, current.study_name
+    for key in LOCAL_KEYS:
+        if key in overrides:
+            tree[key] = current.raw[key]
+    return StudySource(build_config(tree), study)
+
+
+def _open_storage(url: str) -> optuna.storages.RDBStorage:
+    """Opens an existing storage without creating anything: reading must never write."""
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise SearchError(f"storage={url!r}: not a storage URL; write e.g. "
+                          "sqlite:///mlruns/optuna.db.") from None
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database in ("", ":memory:") or not Path(database).expanduser().is_file():
+            default = " (the default storage)" if url == DEFAULT_STORAGE else ""
+            raise SearchError(f"storage={url}{default}: no such database file {database!r}; "
+                              "pass the storage= that search.run used.")
+    else:
+        check_storage(url)
+    try:
+        return optuna.storages.RDBStorage(url, skip_table_creation=True)
+    except Exception as error:  # noqa: BLE001 - any driver/schema error: not a usable storage
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SearchError(f"storage={url}: not an Optuna storage ({reason}).") from None
+
+
+def trial_params(trial: FrozenTrial, config: StudyConfig) -> dict[str, Any]:
+    """The full parameter dict the trial trained with, fixed values and conditionals included.
+
+    Replays the space on the trial's own values (what the objective did), so the trainer gets
+    the very same dict; falls back to the stored params plus the recorded fixed values when the
+    trial does not fit the space (a study run under an older space).
+    """
+    try:
+        return suggest(optuna.trial.FixedTrial(dict(trial.params), trial.number), config.space)
+    except ValueError:
+        params = {**trial.user_attrs.get("fixed_params", {}), **trial.params}
+        fixed = {spec.name: spec.value for spec in config.space
+                 if spec.kind == "fixed" and spec.is_active(params)}
+        return {**fixed, **params}
+
+
+def location_args(config: StudyConfig) -> str:
+    """`study=... [storage=...] [study_name=...]`: the words that find this study again."""
+    words = [f"study={config.study}"]
+    if config.storage != DEFAULT_STORAGE:
+        words.append(f"storage={config.storage}")
+    if config.study_name != config.study:
+        words.append(f"study_name={config.study_name}")
+    return " ".join(words)
+
+
+def retrain_command(config: StudyConfig, trial_number: int, *, full: bool = False) -> str:
+    """The exact command that trains a trial's configuration again."""
+    return (f"python -m search.train {location_args(config)} trial={trial_number}"
+            + (" full=true" if full else ""))

@@ -1,0 +1,104 @@
+"""Tests for `python -m search.train`: a real trial (the study's own objective, on fake data) is
+trained again and gives the same validation accuracy, epoch by epoch; `full=true` tests it."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from search.cli import main_guard
+from search.config import load_config
+from search.objective import Objective, load_search_data
+from search.report.source import open_source, retrain_command
+from search.study import open_study
+from search.train import main as train_main
+from search.train import retrain_trial
+
+TINY = ["dataset=fake", "epochs=2", "tracking_uri=none", "baselines=[]",
+        "space.batch_size.choices=[128]", "space.hidden_1.choices=[16]", "space.hidden_2.choices=[0]",
+        *[f"space.width_{i}.choices=[8]" for i in (1, 2, 3)],
+        *[f"space.kernel_size_{i}.choices=[3]" for i in (1, 2, 3)]]
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """One torch thread (restored after): faster for tiny models on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A study with one trial run by the search's own objective."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('train') / 'optuna.db'}"
+    config = load_config(["study=cnn3", f"storage={url}", *TINY])
+    study, _ = open_study(config)
+    with _one_thread():
+        study.optimize(Objective(config, load_search_data(config), torch.device("cpu")), n_trials=1)
+    assert study.trials[0].state == TrialState.COMPLETE
+    return url
+
+
+def test_retraining_a_trial_reproduces_its_validation_accuracy(storage: str) -> None:
+    source = open_source({"study": "cnn3", "storage": storage})
+    trial = source.study.trials[0]
+    lines: list[str] = []
+    with _one_thread():
+        outcome = retrain_trial(source, 0, seeds=1, log=lines.append)
+    assert outcome.accuracies == (trial.value,)
+    assert [m.val_accuracy for m in outcome.histories[0]] == [
+        trial.intermediate_values[epoch] for epoch in sorted(trial.intermediate_values)]
+    assert any("(search: " in line for line in lines)
+
+
+def test_full_true_trains_on_train_and_val_and_reports_test_accuracy(storage: str, capsys) -> None:
+    with _one_thread():
+        code = main_guard(train_main, ["study=cnn3", f"storage={storage}", "trial=0", "full=true",
+                                       "seeds=2"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "train + validation" in out
+    match = re.search(r"test accuracy: (\d\.\d{4}) ± (\d\.\d{4}) .*per seed: (\S+), (\S+)$", out, re.M)
+    assert match, out
+    mean, std, first, second = map(float, match.groups())
+    assert 0 <= mean <= 1 and std >= 0 and mean == pytest.approx((first + second) / 2, abs=1e-4)
+
+
+def test_report_command_names_this_trial(storage: str) -> None:
+    source = open_source({"study": "cnn3", "storage": storage})
+    assert retrain_command(source.config, 0) == f"python -m search.train study=cnn3 storage={storage} trial=0"
+
+
+@pytest.mark.parametrize("words, message", [
+    (["trial=99"], "has trials 0.."),
+    ([], "no trial given"),
+    (["trial=0", "full=maybe"], "expected true or false"),
+    (["trial=0", "epochs=3"], "unknown key 'epochs'"),
+])
+def test_bad_input_is_a_clean_error(storage: str, words: list[str], message: str, capsys) -> None:
+    assert main_guard(train_main, ["study=cnn3", f"storage={storage}", *words]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_lists_the_keys(capsys) -> None:
+    assert main_guard(train_main, ["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "usage: python -m search.train" in out and "full" in out and "seeds" in out
+
+
+def test_a_pruned_or_failed_trial_without_params_is_refused(storage: str, capsys) -> None:
+    study = optuna.load_study(study_name="cnn3", storage=storage)
+    study.tell(study.ask(), state=TrialState.FAIL)
+    number = study.trials[-1].number
+    assert main_guard(train_main, ["study=cnn3", f"storage={storage}", f"trial={number}"]) == 2
+    assert "no parameters recorded" in capsys.readouterr().err
