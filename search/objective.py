@@ -7,6 +7,7 @@ plugs in as `TrialObserver`s, so this module imports neither mlflow nor optuna-d
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,6 +47,40 @@ class SearchData:
     val: ImageSet
 
 
+class StopSignal:
+    """Turns Ctrl-C (SIGINT) and SIGTERM into a clean stop that never leaves a trial RUNNING.
+
+    A signal that lands while a trial trains interrupts it at once (the trial is marked FAIL with
+    its reason). One that lands in Optuna's bookkeeping between trials, where an interruption
+    could leave a freshly asked trial RUNNING, is held until the next safe point: the end of
+    that bookkeeping (`check`, an Optuna callback) or the start of the next trial.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._in_trial = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        if self._in_trial:
+            raise KeyboardInterrupt
+
+    def enter_trial(self) -> None:
+        self._in_trial = True
+        self.check()
+
+    def leave_trial(self) -> None:
+        self._in_trial = False
+
+    def check(self, *_: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+
 def trial_seed(study_seed: int, trial_number: int) -> int:
     """Each trial gets its own reproducible seed from the study seed and its number."""
     return study_seed * 100_003 + trial_number
@@ -64,22 +99,19 @@ class Objective:
     """
 
     def __init__(self, config: StudyConfig, data: SearchData, device: torch.device,
-                 observers: Sequence[TrialObserver] = ()) -> None:
+                 observers: Sequence[TrialObserver] = (), stop: StopSignal | None = None) -> None:
+        self.stop = stop
         self.config = config
         self.data = data
         self.device = device
         self.observers = list(observers)
 
     def __call__(self, trial: optuna.Trial) -> float:
-        params = suggest(trial, self.config.space)
-        fixed = {k: v for k, v in params.items() if k not in trial.params}
-        if fixed:
-            trial.set_user_attr("fixed_params", fixed)
-        for observer in self.observers:
-            observer.trial_started(trial, params)
         history: list[EpochMetrics] = []
         state = optuna.trial.TrialState.FAIL
+        params: dict[str, Any] = {}
         attrs: dict[str, Any] = {}
+        observing: list[TrialObserver] = []
         started = time.perf_counter()
 
         def on_epoch(metrics: EpochMetrics) -> bool:
@@ -90,6 +122,16 @@ class Objective:
             return trial.should_prune()
 
         try:
+            # Inside the try, so that a Ctrl-C while sampling still records why the trial failed.
+            if self.stop is not None:
+                self.stop.enter_trial()
+            params = suggest(trial, self.config.space)
+            fixed = {k: v for k, v in params.items() if k not in trial.params}
+            if fixed:
+                trial.set_user_attr("fixed_params", fixed)
+            for observer in self.observers:
+                observer.trial_started(trial, params)
+                observing.append(observer)
             result = train(self.config.model, params, train_data=self.data.train,
                            val_data=self.data.val, spec=self.data.spec, epochs=self.config.epochs,
                            seed=trial_seed(self.config.seed, trial.number), device=self.device,
@@ -114,10 +156,14 @@ class Objective:
             attrs = self._fail(trial, history, f"out of memory: {str(error).splitlines()[0]}", started)
             raise TrialFailed(attrs["fail_reason"]) from None
         except KeyboardInterrupt:
+            if self.stop is not None:
+                self.stop.leave_trial()  # a second Ctrl-C must not cut recording the first
             attrs = self._fail(trial, history, "interrupted by the user (Ctrl-C)", started)
             raise
         finally:
-            for observer in self.observers:
+            if self.stop is not None:
+                self.stop.leave_trial()
+            for observer in observing:
                 observer.trial_finished(trial, state, params, attrs, history)
 
     def _fail(self, trial: optuna.Trial, history: list[EpochMetrics], reason: str,

@@ -1,0 +1,520 @@
+"""MLflow tracking: every trial of a study as an MLflow run, nested under one run per study.
+
+The layout a user finds in the MLflow UI:
+
+- one experiment per study, named after `study_name`;
+- one parent run per study (`study-cnn3`, tag `search.role=study`) holding the resolved config
+  (`config.yaml`) and the best value/params so far; resuming the study finds it again through the
+  study's user attribute `mlflow_parent_run_id`, so it is never duplicated;
+- one child run per trial (`trial-0007`, tag `mlflow.parentRunId`) with every parameter (sampled
+  and fixed), per-epoch metrics at `step=epoch`, final metrics, tags and a status that mirrors the
+  Optuna state (FINISHED / KILLED / FAILED for complete / pruned / failed).
+
+Either side leads to the other: the Optuna trial stores the run id (user attribute
+`mlflow_run_id`), the run stores the trial number (tag `trial_number`).
+
+Everything goes through `MlflowClient` with explicit run ids and batched writes, never through the
+fluent `mlflow.start_run` stack: that stack is per-process global state, wrong as soon as trials
+run in several threads or worker processes at once. This is the only module that imports mlflow.
+
+Example (what `search.run` does)::
+
+    check_tracking(config.tracking_uri)          # SearchError before any trial if unreachable
+    tracker = MlflowTracker(config)              # finds or creates the experiment
+    objective = Objective(config, data, device, observers=[tracker])
+    study.optimize(objective, ...)
+    tracker.study_ended(study, interrupted=False)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import optuna
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from optuna.trial import TrialState
+
+from search.config import DEFAULT_TRACKING_URI, StudyConfig, to_yaml
+from search.errors import SearchError
+from search.trainer import EpochMetrics, resolve_device
+
+ROLE_TAG = "search.role"                  # "study" on the parent run, "trial" on child runs
+PARENT_TAG = "mlflow.parentRunId"         # what makes the MLflow UI nest a run under another
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+PARENT_RUN_ATTR = "mlflow_parent_run_id"  # Optuna study user attribute -> the parent run
+RUN_ID_ATTR = "mlflow_run_id"             # Optuna trial user attribute -> the trial's run
+RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED",
+              TrialState.FAIL: "FAILED"}
+# Per-trial facts (from the objective's user attributes) logged once, as final metrics. Their
+# names differ from the per-epoch ones so a metric's history stays one value per epoch.
+FINAL_METRICS = {"best_val_accuracy": "best_val_accuracy", "best_epoch": "best_epoch",
+                 "epochs_run": "epochs_run", "parameter_count": "parameter_count",
+                 "train_seconds": "train_seconds", "seconds_per_epoch": "mean_epoch_seconds",
+                 "images_per_second": "mean_images_per_second"}
+# A parent run created this long before the study's first trial belongs to an older study of the
+# same name (e.g. one whose Optuna storage was deleted); allows for clocks of several machines.
+CLOCK_SLACK_MS = 60_000
+# Settings for calls to a tracking server during a study (a user's own values win): MLflow's
+# default retries last minutes, which would stall every trial once the server is gone; and the
+# "View run at" line it prints for every finished run costs a request and floods the trial lines.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+                 "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# ---------------------------------------------------------------- checking the tracking URI
+
+def is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///...` URI (None for in-memory or other schemes)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?")[0]
+    return Path(path).expanduser() if path and path != ":memory:" else None
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _store_lock(path: Path | None) -> Iterator[None]:
+    """Serialises the first use of a new SQLite store: MLflow creates its tables on first use,
+    and two worker processes doing that at once can fail with "table already exists"."""
+    if path is None:
+        yield
+        return
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, and concurrent first use is the user's risk
+        yield
+        return
+    with open(path.with_name(path.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _reason(error: BaseException) -> str:
+    """The part of an MLflow/requests error a person needs, on one line."""
+    text = " ".join(str(error).split())
+    for marker in ("Connection refused", "Name or service not known", "timed out",
+                   "No route to host", "Temporary failure in name resolution"):
+        if marker.lower() in text.lower():
+            return marker.lower()
+    return (text[:300] + "...") if len(text) > 300 else (text or type(error).__name__)
+
+
+def check_tracking(uri: str) -> None:
+    """Fails with a `SearchError` when the MLflow tracking store at `uri` cannot be used.
+
+    Called before the study is opened, so an unreachable server stops the run before any trial.
+    The default SQLite store's folder is created; its tables are created on first use.
+
+    Raises:
+        SearchError: the URI is a plain directory (MLflow 3's file store is not supported), its
+            folder does not exist, or the server does not answer.
+    """
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # not "Creating initial tables..."
+    off = " Add tracking_uri=none to run the study without MLflow logging."
+    scheme = urlparse(uri).scheme
+    if scheme in ("", "file") or re.fullmatch(r"[A-Za-z]", scheme):  # a path (C:\ on Windows)
+        raise SearchError(
+            f"tracking_uri={uri}: a directory is MLflow's old file store, which MLflow 3 no longer "
+            f"supports. Use a database such as {DEFAULT_TRACKING_URI} (the default) or the http:// "
+            "URL of an `mlflow server`." + off)
+    database = _sqlite_path(uri)
+    if database is not None:
+        folder = database.resolve().parent
+        if uri == DEFAULT_TRACKING_URI:
+            folder.mkdir(parents=True, exist_ok=True)
+        elif not folder.is_dir():
+            raise SearchError(f"tracking_uri={uri}: the folder {folder} does not exist." + off)
+    try:
+        # One quick try: no retries, a short timeout (read when the request is made).
+        with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10"), \
+                _store_lock(database):
+            MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as error:  # noqa: BLE001 - any failure here means "cannot log there"
+        hint = (" Start it (e.g. `mlflow server --backend-store-uri sqlite:///mlflow.db "
+                "--host 127.0.0.1 --port 5000`) or fix the URL." if is_http(uri) else "")
+        raise SearchError(f"tracking_uri={uri}: cannot reach the MLflow tracking store "
+                          f"({_reason(error)}).{hint}{off}") from None
+
+
+# ---------------------------------------------------------------- facts about this process
+
+def git_commit() -> str | None:
+    """The project's commit when it runs from a git checkout (not from an installed copy)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip() if done.returncode == 0 else ""
+    return commit or None
+
+
+def artifact_location(uri: str, experiment_name: str) -> str | None:
+    """Where a new experiment keeps its artifacts: next to a SQLite store's file (so the default
+    store keeps everything under `mlruns/`); the server decides for an http:// URI."""
+    database = _sqlite_path(uri)
+    if database is None:
+        return None
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment_name) or "study"
+    return str(database.resolve().parent / "artifacts" / safe)
+
+
+def _param_value(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+# ---------------------------------------------------------------- the observer
+
+class MlflowTracker:
+    """A `TrialObserver` logging each trial as a nested MLflow run (see the module docstring).
+
+    Logging must never cost a study its trials: once the tracking URI was checked, a failing call
+    prints one warning and turns logging off for the rest of the run. Time spent in this observer
+    is measured (`seconds`, `trials`) and printed at the end of the run.
+
+    Args:
+        config: the study's config; `tracking_uri` must be enabled and reachable
+            (`check_tracking`).
+        client: an `MlflowClient` to use instead of one built from `config.tracking_uri`.
+
+    Raises:
+        SearchError: the study's experiment exists in the tracking store but is deleted.
+    """
+
+    def __init__(self, config: StudyConfig, client: MlflowClient | None = None) -> None:
+        if not config.tracking_enabled:
+            raise ValueError(f"tracking_uri={config.tracking_uri!r}: tracking is off.")
+        if is_http(config.tracking_uri):
+            for key, value in HTTP_DEFAULTS.items():
+                os.environ.setdefault(key, value)
+        started = time.perf_counter()
+        self.config = config
+        self.client = client or MlflowClient(config.tracking_uri)
+        self.enabled = True
+        try:
+            self.experiment_id = self._experiment_id()
+        except MlflowException as error:  # e.g. a server that refuses us (permissions)
+            raise SearchError(f"tracking_uri={config.tracking_uri}: cannot open the experiment "
+                              f"'{config.study_name}' ({_reason(error)}). Add tracking_uri=none "
+                              "to run without MLflow logging.") from None
+        self.parent_run_id: str | None = None
+        self.device = str(resolve_device(config.device))
+        self.commit = git_commit()
+        self.setup_seconds = time.perf_counter() - started
+        self.seconds = 0.0    # spent inside trial_started / epoch_ended / trial_finished
+        self.trials = 0
+        self._runs: dict[int, str] = {}   # trial number -> run id (threads may share a tracker)
+        self._lock = threading.Lock()
+
+    # -- experiment and parent run
+
+    def _experiment_id(self) -> str:
+        name = self.config.study_name
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:
+            try:
+                return self.client.create_experiment(
+                    name, artifact_location=artifact_location(self.config.tracking_uri, name),
+                    tags={"study_name": name, "model": self.config.model,
+                          "dataset": self.config.dataset})
+            except MlflowException as error:
+                if error.error_code != "RESOURCE_ALREADY_EXISTS":  # another worker won the race
+                    raise
+                experiment = self.client.get_experiment_by_name(name)
+        if experiment.lifecycle_stage != "active":
+            raise SearchError(
+                f"study_name={name}: the MLflow experiment '{name}' in {self.config.tracking_uri} "
+                f"is deleted. Restore it (mlflow experiments restore --experiment-id "
+                f"{experiment.experiment_id}), purge it (mlflow gc), use another study_name, or "
+                "add tracking_uri=none.")
+        return experiment.experiment_id
+
+    def _parent_for(self, study: optuna.Study) -> str:
+        """The study's parent run: linked from the study, else found by tags, else created.
+
+        Two workers starting a new study at once may both create one; each then keeps the
+        oldest and deletes its own if it lost, so they agree on a single parent.
+        """
+        with self._lock:
+            if self.parent_run_id is None:
+                self.parent_run_id = self._find_parent(study) or self._create_parent(study)
+                self.client.update_run(self.parent_run_id, status="RUNNING")
+                self.client.log_text(self.parent_run_id, to_yaml(self.config), "config.yaml")
+            return self.parent_run_id
+
+    def _active_run(self, run_id: str | None):
+        if not run_id:
+            return None
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return None
+        ok = run.info.lifecycle_stage == "active" and run.info.experiment_id == self.experiment_id
+        return run if ok else None
+
+    def _parent_candidates(self, study: optuna.Study) -> list:
+        """Parent runs of this study by tags, oldest first (ties broken by run id)."""
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'study'", max_results=1000)
+        first_start = min((t.datetime_start for t in study.get_trials(deepcopy=False)
+                           if t.datetime_start is not None), default=None)
+        earliest = (first_start.timestamp() * 1000 - CLOCK_SLACK_MS) if first_start else 0
+        mine = [r for r in runs
+                if r.data.tags.get("study_name") == study.study_name
+                and r.data.tags.get("optuna_storage") == self.config.storage
+                and r.info.start_time >= earliest]
+        return sorted(mine, key=lambda r: (r.info.start_time, r.info.run_id))
+
+    def _find_parent(self, study: optuna.Study) -> str | None:
+        linked = self._active_run(study.user_attrs.get(PARENT_RUN_ATTR))
+        if linked is not None:
+            return linked.info.run_id
+        candidates = self._parent_candidates(study)
+        if not candidates:
+            return None
+        study.set_user_attr(PARENT_RUN_ATTR, candidates[0].info.run_id)
+        return candidates[0].info.run_id
+
+    def _create_parent(self, study: optuna.Study) -> str:
+        config = self.config
+        tags = {ROLE_TAG: "study", "study_name": study.study_name, "optuna_storage": config.storage,
+                "model": config.model, "dataset": config.dataset,
+                "fingerprint": config.fingerprint(), "mlflow.source.name": "search.run"}
+        if self.commit:
+            tags[GIT_COMMIT_TAG] = self.commit
+        run = self.client.create_run(self.experiment_id, run_name=f"study-{study.study_name}",
+                                     tags=tags)
+        mine = run.info.run_id
+        params = {"model": config.model, "dataset": config.dataset, "epochs": config.epochs,
+                  "seed": config.seed, "direction": config.direction,
+                  "sampler": config.sampler.name, "pruner": config.pruner.name}
+        self.client.log_batch(mine, params=[Param(k, _param_value(v)) for k, v in params.items()])
+        candidates = self._parent_candidates(study)
+        winner = candidates[0].info.run_id if candidates else mine
+        if winner != mine:
+            self.client.delete_run(mine)
+        study.set_user_attr(PARENT_RUN_ATTR, winner)
+        return winner
+
+    # -- the TrialObserver protocol
+
+    @contextlib.contextmanager
+    def _logging(self, what: str) -> Iterator[None]:
+        """Times a logging step and keeps a failing tracking store from failing the study."""
+        started = time.perf_counter()
+        try:
+            yield
+        except Exception as error:  # noqa: BLE001 - any logging failure: warn, log no more
+            self.enabled = False
+            print(f"warning: MLflow logging failed while {what} ({_reason(error)}); MLflow "
+                  "logging is off for the rest of this run, the study goes on.", file=sys.stderr)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def trial_started(self, trial: optuna.Trial, params: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.trials += 1
+        with self._logging(f"starting trial {trial.number}"):
+            parent = self._parent_for(trial.study)
+            tags = {PARENT_TAG: parent, ROLE_TAG: "trial", "study_name": trial.study.study_name,
+                    "trial_number": str(trial.number), "state": "RUNNING",
+                    "device": self.device, "torch_version": torch.__version__,
+                    "mlflow.source.name": "search.run"}
+            if self.commit:
+                tags[GIT_COMMIT_TAG] = self.commit
+            baseline = trial.user_attrs.get("baseline")
+            if baseline is not None:
+                tags["baseline"] = str(baseline)
+            start = int(trial.datetime_start.timestamp() * 1000) if trial.datetime_start else None
+            run = self.client.create_run(self.experiment_id, start_time=start, tags=tags,
+                                         run_name=f"trial-{trial.number:04d}")
+            run_id = run.info.run_id
+            self._runs[trial.number] = run_id
+            trial.set_user_attr(RUN_ID_ATTR, run_id)
+            fixed = {"model": self.config.model, "dataset": self.config.dataset,
+                     "epochs": self.config.epochs, "seed": self.config.seed}
+            self.client.log_batch(run_id, params=[Param(k, _param_value(v))
+                                                  for k, v in {**fixed, **params}.items()])
+
+    def epoch_ended(self, trial: optuna.Trial, metrics: EpochMetrics) -> None:
+        run_id = self._runs.get(trial.number)
+        if not self.enabled or run_id is None:
+            return
+        with self._logging(f"logging epoch {metrics.epoch} of trial {trial.number}"):
+            now = _now_ms()
+            self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, metrics.epoch)
+                                                   for k, v in metrics.as_dict().items()])
+
+    def trial_finished(self, trial: optuna.Trial, state: TrialState, params: dict[str, Any],
+                       attrs: dict[str, Any], history: list[EpochMetrics]) -> None:
+        run_id = self._runs.pop(trial.number, None)
+        if not self.enabled or run_id is None:
+            return
+        with self._logging(f"finishing trial {trial.number}"):
+            now, step = _now_ms(), len(history)
+            metrics = [Metric(name, float(attrs[key]), now, step)
+                       for key, name in FINAL_METRICS.items() if attrs.get(key) is not None]
+            tags = [RunTag("state", state.name)]
+            if "pruned_at_epoch" in attrs:
+                tags.append(RunTag("pruned_at_epoch", str(attrs["pruned_at_epoch"])))
+            if state == TrialState.FAIL:
+                reason = attrs.get("fail_reason") or "unexpected error (see the console output)"
+                tags.append(RunTag("fail_reason", str(reason)[:5000]))
+            self.client.log_batch(run_id, metrics=metrics, tags=tags)
+            self.client.set_terminated(run_id, RUN_STATUS.get(state, "FAILED"), end_time=now)
+            if state == TrialState.COMPLETE and history:
+                self._update_best(trial, history[-1].val_accuracy, params, run_id)
+
+    def _update_best(self, trial: optuna.Trial, value: float, params: dict[str, Any],
+                     run_id: str) -> None:
+        """The parent's best so far; this trial is not yet told to Optuna, so compare with it."""
+        try:
+            best = trial.study.best_trial
+        except ValueError:  # no complete trial yet
+            best = None
+        if best is None or value >= best.value:
+            self._log_best(trial.number, value, params, run_id, step=trial.number)
+        else:
+            self._log_best(best.number, best.value, best.params,
+                           best.user_attrs.get(RUN_ID_ATTR, ""), step=trial.number)
+
+    def _log_best(self, number: int, value: float, params: dict[str, Any], run_id: str,
+                  step: int) -> None:
+        tags = [RunTag("best_trial", str(number)), RunTag("best_run_id", run_id or ""),
+                RunTag("best_params", json.dumps(params, sort_keys=True, default=str)[:5000])]
+        self.client.log_batch(self.parent_run_id, tags=tags,
+                              metrics=[Metric("best_val_accuracy", float(value), _now_ms(), step)])
+
+    # -- the end of a run
+
+    def study_ended(self, study: optuna.Study, interrupted: bool) -> None:
+        """Closes the parent run (KILLED on Ctrl-C), marks child runs of trials that died with
+        their worker, records trial counts and the final best, and prints the logging cost."""
+        if not self.enabled:
+            return
+        with self._logging("closing the study's run"):
+            parent = self.parent_run_id
+            if parent is None:  # no trial ran in this process: close the linked run, if any
+                linked = self._active_run(study.user_attrs.get(PARENT_RUN_ATTR))
+                if linked is None:
+                    return
+                parent = self.parent_run_id = linked.info.run_id
+            trials = study.get_trials(deepcopy=False)
+            self._close_orphans(parent, {t.number: t for t in trials})
+            counts = {s: sum(t.state == s for t in trials) for s in TrialState}
+            tags = [RunTag(f"n_{s.name.lower()}", str(n)) for s, n in counts.items()
+                    if s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
+            self.client.log_batch(parent, tags=tags)
+            complete = [t for t in trials if t.state == TrialState.COMPLETE]
+            if complete:
+                best = max(complete, key=lambda t: t.value)
+                self._log_best(best.number, best.value, best.params,
+                               best.user_attrs.get(RUN_ID_ATTR, ""), step=trials[-1].number)
+            self.client.set_terminated(parent, "KILLED" if interrupted else "FINISHED")
+        if self.trials:
+            print(f"MLflow: {self.trials} trial run(s) logged to experiment "
+                  f"'{self.config.study_name}' in {self.config.tracking_uri}; logging took "
+                  f"{self.seconds / self.trials * 1000:.0f} ms per trial "
+                  f"(+{self.setup_seconds:.1f} s once to connect).", flush=True)
+
+    def _close_orphans(self, parent: str, trials: dict[int, optuna.trial.FrozenTrial]) -> None:
+        """Child runs left RUNNING by a worker that was killed (SIGKILL, lost machine): Optuna's
+        heartbeat has marked their trials FAIL, so the runs follow."""
+        stale = self.client.search_runs(
+            [self.experiment_id], max_results=1000,
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent}' and attributes.status = 'RUNNING'")
+        for run in stale:
+            number = run.data.tags.get("trial_number")
+            trial = trials.get(int(number)) if number and number.isdigit() else None
+            if trial is None or trial.state in (TrialState.RUNNING, TrialState.WAITING):
+                continue
+            tags = [RunTag("state", trial.state.name)]
+            if trial.state == TrialState.FAIL:
+                reason = trial.user_attrs.get("fail_reason", "the worker running it stopped")
+                tags.append(RunTag("fail_reason", str(reason)[:5000]))
+            self.client.log_batch(run.info.run_id, tags=tags)
+            self.client.set_terminated(run.info.run_id, RUN_STATUS.get(trial.state, "FAILED"))
+
+
+# ---------------------------------------------------------------- final evaluations (the report)
+
+def final_run_logger(config: StudyConfig, study: optuna.Study):
+    """A hook for `search.report`: logs each final training run (train+val, one test evaluation)
+    as its own run in the study's experiment, nested under the study's parent run when there is
+    one and tagged `search.role=final_evaluation`, so final test accuracies sit next to the
+    search in the MLflow UI without being mistaken for trials.
+
+    Returns:
+        A callable taking a `search.report.final.FinalRun`.
+    """
+    check_tracking(config.tracking_uri)
+    tracker = MlflowTracker(config)  # finds or creates the study's experiment
+    client, experiment_id = tracker.client, tracker.experiment_id
+    parent = study.user_attrs.get(PARENT_RUN_ATTR)
+    commit = git_commit()
+
+    def log(run: Any) -> None:
+        tags = {ROLE_TAG: "final_evaluation", "study_name": run.study_name,
+                "trial_number": str(run.trial_number), "label": run.label,
+                "repeat": str(run.repeat), "torch_version": torch.__version__,
+                "mlflow.source.name": "search.report"}
+        if parent:
+            tags[PARENT_TAG] = parent
+        if commit:
+            tags[GIT_COMMIT_TAG] = commit
+        created = client.create_run(experiment_id, tags=tags,
+                                    run_name=f"final-trial-{run.trial_number:04d}-seed-{run.seed}")
+        run_id, now = created.info.run_id, _now_ms()
+        params = {"model": config.model, "dataset": config.dataset, "epochs": run.epochs,
+                  "seed": run.seed, **run.params}
+        metrics = [Metric(k, float(v), now, m.epoch) for m in run.history for k, v in m.as_dict().items()]
+        metrics += [Metric(name, float(getattr(run, name)), now, run.epochs)
+                    for name in ("test_accuracy", "test_loss", "train_seconds", "parameter_count")]
+        client.log_batch(run_id, params=[Param(k, _param_value(v)) for k, v in params.items()],
+                         metrics=metrics)
+        client.set_terminated(run_id, "FINISHED", end_time=_now_ms())
+
+    return log

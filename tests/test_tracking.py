@@ -1,0 +1,368 @@
+"""MLflow tracking (search.tracking), read back through MlflowClient.
+
+End to end: the real CLI in subprocesses against a real `mlflow server` (SQLite backend, free port,
+started once per session) and against the default embedded store. In process: the observer's
+FAILED/KILLED paths, the checks of the tracking URI, and that a failing store never fails a trial.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
+from mlflow import MlflowClient  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+
+from search.cli import main_guard  # noqa: E402
+from search.config import load_config  # noqa: E402
+from search.dashboard import DashboardArtifacts  # noqa: E402
+from search.errors import SearchError  # noqa: E402
+from search.run import main as run_main  # noqa: E402
+from search.run import make_observers  # noqa: E402
+from search.tracking import (PARENT_RUN_ATTR, RUN_ID_ATTR, MlflowTracker,  # noqa: E402
+                             check_tracking)
+from search.trainer import EpochMetrics  # noqa: E402
+
+# MLflow's own SQLAlchemy store warns about itself; nothing here to act on.
+pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
+ROOT = Path(__file__).resolve().parent.parent
+EPOCHS = 2
+# A cnn3 space whose trials take about a second on a CPU; random sampling with a fixed seed and
+# an aggressive pruner, so a few trials give both complete and pruned ones.
+TINY = [
+    "study=cnn3", "dataset=fake", "device=cpu", f"epochs={EPOCHS}", "sampler=random",
+    "pruner=successive_halving", "pruner.reduction_factor=2", "space.augment=false",
+    "space.width_1.choices=[8]", "space.width_2.choices=[8]", "space.width_3.choices=[8]",
+    "space.hidden_1.choices=[16]", "space.hidden_2.choices=[0]", "space.batch_size.choices=[128]",
+    "space.kernel_size_1.choices=[3]", "space.kernel_size_2.choices=[3]",
+    "space.kernel_size_3.choices=[3]",
+]
+DONE = (TrialState.COMPLETE, TrialState.PRUNED)  # what n_trials counts
+RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def start_cli(*args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "search.run", *TINY, *args], cwd=cwd,
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 200) -> subprocess.CompletedProcess:
+    out, err = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return finish(start_cli(*args, cwd=cwd))
+
+
+def in_process_cli(*args: str) -> int:
+    """`python -m search.run ARGS` in this process: the same entry point and exit code as the
+    command, without the ~8 s a subprocess spends importing torch and mlflow."""
+    sigterm = signal.getsignal(signal.SIGTERM)  # search.run turns SIGTERM into Ctrl-C
+    try:
+        return main_guard(run_main, list(args))
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------- a real mlflow server
+
+@pytest.fixture(scope="session")
+def _server_process(tmp_path_factory):
+    """Starts `mlflow server` without waiting, so it boots while the first tests run."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = open(folder / "server.log", "w")
+    # Job execution (a second process) is not needed to log runs; off, the server starts faster.
+    env = dict(cli_env(), MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+         f"sqlite:///{folder / 'x.db'}", "--default-artifact-root", str(folder / "art"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    yield process, f"http://127.0.0.1:{port}", folder / "server.log"
+    os.killpg(process.pid, signal.SIGTERM)  # the server and the uvicorn worker it started
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    log.close()
+
+
+@pytest.fixture(autouse=True)
+def _boot_server_early(_server_process):
+    """Every test of this module asks for the process, so the first one starts it."""
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(_server_process) -> str:
+    """The server's URL once GET /health answers (up to 90 s on a busy machine)."""
+    process, url, log = _server_process
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"mlflow server exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return url
+        except OSError:
+            time.sleep(0.25)
+    pytest.fail(f"mlflow server did not answer /health within 90 s:\n{log.read_text()}")
+
+
+# ---------------------------------------------------------------- reading back
+
+def study_runs(client: MlflowClient, name: str) -> tuple[list, list]:
+    """The active parent runs and child runs of a study's experiment."""
+    experiment = client.get_experiment_by_name(name)
+    assert experiment is not None, f"no experiment named {name}"
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("search.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("search.role") == "trial"]
+    return parents, children
+
+
+def check_study_in_mlflow(client: MlflowClient, study: optuna.Study) -> None:
+    """Everything the issue asks of the runs of one study, against the Optuna storage."""
+    parents, children = study_runs(client, study.study_name)
+    assert len(parents) == 1, [p.info.run_name for p in parents]
+    parent = parents[0]
+    assert study.user_attrs[PARENT_RUN_ATTR] == parent.info.run_id
+    assert parent.data.tags["study_name"] == study.study_name
+    assert parent.info.status == "FINISHED"
+    assert "config.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(study.best_value)
+    best = [t.number for t in study.trials if t.value == study.best_value]  # ties are possible
+    assert int(parent.data.tags["best_trial"]) in best
+
+    trials = study.get_trials()
+    assert sorted(int(r.data.tags["trial_number"]) for r in children) == [t.number for t in trials]
+    by_id = {r.info.run_id: r for r in children}
+    for trial in trials:
+        run = by_id[trial.user_attrs[RUN_ID_ATTR]]  # the trial leads to its run ...
+        assert run.data.tags["trial_number"] == str(trial.number)  # ... and back
+        assert run.info.run_name == f"trial-{trial.number:04d}"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["state"] == trial.state.name
+        assert run.info.status == RUN_STATUS[trial.state.name]
+        assert {"device", "torch_version", "study_name"} <= set(run.data.tags)
+        expected = {**trial.params, **trial.user_attrs.get("fixed_params", {}),
+                    "model": "cnn3", "dataset": "fake", "epochs": EPOCHS, "seed": 0}
+        assert run.data.params == {k: str(v) for k, v in expected.items()}
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        steps = [m.step for m in sorted(history, key=lambda m: m.step)]
+        assert steps == sorted(trial.intermediate_values)
+        assert [m.value for m in sorted(history, key=lambda m: m.step)] == pytest.approx(
+            [trial.intermediate_values[s] for s in steps])
+        if trial.state == TrialState.PRUNED:
+            assert steps[-1] == trial.user_attrs["pruned_at_epoch"] < EPOCHS
+            assert run.data.tags["pruned_at_epoch"] == str(steps[-1])
+        if trial.state == TrialState.COMPLETE:
+            assert steps == list(range(1, EPOCHS + 1))
+        for key in ("train_loss", "train_accuracy", "val_loss", "lr", "epoch_seconds",
+                    "images_per_second"):
+            assert len(client.get_metric_history(run.info.run_id, key)) == len(steps), key
+        assert run.data.metrics["epochs_run"] == len(steps)
+
+
+# ---------------------------------------------------------------- checks before any trial
+
+def test_tracking_uri_that_is_a_directory_or_missing_folder_is_refused(tmp_path):
+    with pytest.raises(SearchError, match=r"tracking_uri=.*file store.*tracking_uri=none"):
+        check_tracking(str(tmp_path / "mlruns"))
+    with pytest.raises(SearchError, match=r"tracking_uri=sqlite:///.*does not exist"):
+        check_tracking(f"sqlite:///{tmp_path}/missing/mlflow.db")
+
+
+def test_tracking_off_means_no_mlflow_observer(tmp_path):
+    config = load_config([*TINY, "tracking_uri=none", f"storage=sqlite:///{tmp_path}/o.db"])
+    assert [type(o) for o in make_observers(config)] == [DashboardArtifacts]
+
+
+def test_unreachable_server_stops_before_any_trial(tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path}/o.db"
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    code = in_process_cli(*TINY, f"storage={storage}", f"tracking_uri={uri}", "n_trials=2")
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith(f"error: tracking_uri={uri}: cannot reach") and "tracking_uri=none" in err
+    assert "Traceback" not in err
+    assert optuna.get_all_study_names(storage) == []  # the study was never created
+
+
+# ---------------------------------------------------------------- end to end
+
+def test_default_embedded_store_keeps_everything_under_mlruns(tmp_path):
+    result = run_cli("n_trials=2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "MLflow: 2 trial run(s) logged" in result.stdout
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    study = optuna.load_study(study_name="cnn3", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    parents, children = study_runs(client, "cnn3")
+    assert len(parents) == 1 and len(children) == len(study.trials) == 2
+    for run in [*parents, *children]:
+        artifacts = Path(run.info.artifact_uri)
+        assert artifacts.is_relative_to(tmp_path / "mlruns"), artifacts
+    assert (Path(parents[0].info.artifact_uri) / "config.yaml").is_file()
+    for trial in study.trials:  # and the dashboard artifacts of each trial, beside the storage
+        metas = optuna.artifacts.get_all_artifact_meta(trial, storage=study._storage)
+        names = sorted(m.filename for m in metas)
+        assert names == [f"trial-{trial.number:04d}-config.yaml",
+                         f"trial-{trial.number:04d}-learning-curve.png"]
+    assert len(list((tmp_path / "mlruns" / "optuna-artifacts").iterdir())) == 4
+
+
+def test_two_workers_then_a_resume_log_every_trial_once(mlflow_server, tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path}/o.db"
+    common = [f"storage={storage}", f"tracking_uri={mlflow_server}", "study_name=two-workers"]
+    # Two worker processes start the same new study at once: one parent run between them, and
+    # each trial's run carries its own trial's number. (The Optuna schema is created first:
+    # two processes creating one SQLite storage at once race in Optuna's own migrations.)
+    optuna.storages.RDBStorage(storage).engine.dispose()
+    workers = [start_cli(*common, "n_trials=4", cwd=tmp_path) for _ in range(2)]
+    for result in map(finish, workers):
+        assert result.returncode == 0, result.stderr
+        assert "View run" not in result.stdout  # MLflow's per-run URL lines are switched off
+    client = MlflowClient(mlflow_server)
+    study = optuna.load_study(study_name="two-workers", storage=storage)
+    assert len(study.trials) >= 4
+    check_study_in_mlflow(client, study)
+    parent = study.user_attrs[PARENT_RUN_ATTR]
+
+    # Rerunning with a larger budget resumes: same parent, one new run per new trial. (The
+    # CLI's entry point in process: the subprocesses above already cover the real command.)
+    finished = len(study.get_trials(states=DONE))
+    assert in_process_cli(*TINY, *common, f"n_trials={finished + 1}") == 0
+    assert "Resuming study" in capsys.readouterr().out
+    study = optuna.load_study(study_name="two-workers", storage=storage)
+    assert len(study.get_trials(states=DONE)) == finished + 1
+    check_study_in_mlflow(client, study)
+    assert study.user_attrs[PARENT_RUN_ATTR] == parent
+    assert TrialState.PRUNED in {t.state for t in study.trials}
+
+
+# ---------------------------------------------------------------- the observer in process
+
+def _metrics(epoch: int, val_accuracy: float) -> EpochMetrics:
+    return EpochMetrics(epoch=epoch, train_loss=1.0 / epoch, train_accuracy=0.5,
+                        val_loss=1.2 / epoch, val_accuracy=val_accuracy, lr=0.1,
+                        epoch_seconds=0.5, images_per_second=1000.0)
+
+
+def test_failed_and_interrupted_trials_and_dead_workers(mlflow_server, tmp_path):
+    storage = f"sqlite:///{tmp_path}/o.db"
+    config = load_config([*TINY, f"storage={storage}", f"tracking_uri={mlflow_server}",
+                          "study_name=in-process"])
+    study = optuna.create_study(storage=storage, study_name="in-process", direction="maximize")
+    tracker = MlflowTracker(config)
+    client = MlflowClient(mlflow_server)
+
+    complete = study.ask()
+    tracker.trial_started(complete, {"lr": 0.1})
+    history = [_metrics(1, 0.3), _metrics(2, 0.6)]
+    for metrics in history:
+        tracker.epoch_ended(complete, metrics)
+    tracker.trial_finished(complete, TrialState.COMPLETE, {"lr": 0.1}, {"epochs_run": 2}, history)
+    study.tell(complete, 0.6)
+
+    diverged = study.ask()
+    tracker.trial_started(diverged, {"lr": 10.0})
+    tracker.epoch_ended(diverged, _metrics(1, 0.1))
+    tracker.trial_finished(diverged, TrialState.FAIL, {"lr": 10.0},
+                           {"fail_reason": "diverged: training loss became nan"},
+                           [_metrics(1, 0.1)])
+    study.tell(diverged, state=TrialState.FAIL)
+
+    orphan = study.ask()  # its worker dies: no trial_finished; Optuna's heartbeat fails it
+    tracker.trial_started(orphan, {"lr": 0.2})
+    orphan_run = orphan.user_attrs[RUN_ID_ATTR]
+    study.tell(orphan, state=TrialState.FAIL)
+    assert client.get_run(orphan_run).info.status == "RUNNING"
+
+    tracker.study_ended(study, interrupted=True)
+    run = client.get_run(diverged.user_attrs[RUN_ID_ATTR])
+    assert run.info.status == "FAILED" and run.data.tags["state"] == "FAIL"
+    assert run.data.tags["fail_reason"] == "diverged: training loss became nan"
+    run = client.get_run(orphan_run)
+    assert run.info.status == "FAILED" and "fail_reason" in run.data.tags
+    parent = client.get_run(study.user_attrs[PARENT_RUN_ATTR])
+    assert parent.info.status == "KILLED"  # Ctrl-C
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(0.6)
+    assert parent.data.tags["n_fail"] == "2" and parent.data.tags["n_complete"] == "1"
+    assert tracker.trials == 3 and tracker.seconds > 0
+
+    # A new process on the same study (a resume) finds the same parent and reopens it.
+    again = MlflowTracker(config)
+    trial = study.ask()
+    again.trial_started(trial, {"lr": 0.3})
+    assert again.parent_run_id == parent.info.run_id
+    assert client.get_run(parent.info.run_id).info.status == "RUNNING"
+
+
+def test_a_failing_tracking_store_warns_and_never_fails_the_trial(mlflow_server, tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path}/o.db"
+    config = load_config([*TINY, f"storage={storage}", f"tracking_uri={mlflow_server}",
+                          "study_name=store-fails"])
+    study = optuna.create_study(storage=storage, study_name="store-fails", direction="maximize")
+    tracker = MlflowTracker(config)
+
+    def broken(*args, **kwargs):
+        raise ConnectionError("server went away")
+
+    tracker.client.create_run = broken
+    trial = study.ask()
+    tracker.trial_started(trial, {"lr": 0.1})
+    tracker.epoch_ended(trial, _metrics(1, 0.5))
+    tracker.trial_finished(trial, TrialState.COMPLETE, {"lr": 0.1}, {}, [_metrics(1, 0.5)])
+    assert not tracker.enabled
+    assert "MLflow logging failed" in capsys.readouterr().err
+
+
+def test_final_evaluations_are_logged_under_the_study_parent(mlflow_server, tmp_path):
+    from search.report.final import FinalRun
+    from search.tracking import final_run_logger
+
+    storage = f"sqlite:///{tmp_path}/o.db"
+    config = load_config([*TINY, f"storage={storage}", f"tracking_uri={mlflow_server}",
+                          "study_name=finals"])
+    study = optuna.create_study(storage=storage, study_name="finals", direction="maximize")
+    study.set_user_attr(PARENT_RUN_ATTR, "not-a-real-parent")
+    log = final_run_logger(config, study)
+    log(FinalRun("finals", "rank 1", 7, 0, 11, {"lr": 0.1, "optimizer": "sgd"}, 2, 0.75, 0.9,
+                 1.5, 1234, [_metrics(1, 0.5), _metrics(2, 0.7)]))
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("finals")
+    [run] = client.search_runs([experiment.experiment_id],
+                               filter_string="tags.`search.role` = 'final_evaluation'")
+    assert run.data.tags["trial_number"] == "7" and run.data.tags["label"] == "rank 1"
+    assert run.data.tags["mlflow.parentRunId"] == "not-a-real-parent"
+    assert run.data.metrics["test_accuracy"] == 0.75 and run.data.params["lr"] == "0.1"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+    assert run.info.status == "FINISHED"
