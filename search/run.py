@@ -7,7 +7,6 @@ finished (complete + pruned) trials, so rerunning the same command after Ctrl-C 
 
 from __future__ import annotations
 
-import signal
 import sys
 import time
 import warnings
@@ -18,7 +17,7 @@ from optuna.study import MaxTrialsCallback
 from search.cli import KEY_HELP, help_text, main_guard
 from search.config import StudyConfig, load_config, to_yaml
 from search.dry_run import dry_run
-from search.objective import Objective, TrialFailed, load_search_data
+from search.objective import Objective, StopSignal, TrialFailed, load_search_data
 from search.progress import Progress, describe_trial, format_params
 from search.study import FINISHED, check_resume, check_storage, count_finished, make_storage, open_study
 from search.trainer import resolve_device
@@ -35,16 +34,25 @@ SUMMARY = ("Runs an Optuna study: each trial trains the study's model with sampl
            "falls behind. Rerun the same command to resume an interrupted study.")
 
 
-def _interrupt_on_sigterm() -> None:
-    """`kill` and job schedulers send SIGTERM: stop as cleanly as on Ctrl-C."""
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, handler)
-
-
 def make_observers(config: StudyConfig) -> list:
-    """Trial observers for the optional integrations (MLflow, dashboard artifacts)."""
-    return []
+    """Trial observers for the optional integrations (MLflow, dashboard artifacts).
+
+    An unreachable tracking store is a SearchError here, before the study is opened.
+    """
+    from search.dashboard import DashboardArtifacts
+    observers: list = []
+    if config.tracking_enabled:
+        from search.tracking import MlflowTracker, check_tracking  # mlflow imports take ~2 s
+        check_tracking(config.tracking_uri)
+        observers.append(MlflowTracker(config))
+    return observers + [DashboardArtifacts(config)]
+
+
+def _study_ended(observers: list, study: optuna.Study, interrupted: bool) -> None:
+    """Lets observers close what spans the whole run (the MLflow parent run)."""
+    for observer in observers:
+        if hasattr(observer, "study_ended"):
+            observer.study_ended(study, interrupted)
 
 
 def run(config: StudyConfig) -> int:
@@ -71,20 +79,25 @@ def run(config: StudyConfig) -> int:
     if remaining <= 0:
         print("Nothing to do: the study already has its trials (raise n_trials= to run more).")
         return _finish(study, config)
-    objective = Objective(config, data, device, observers)
+    stop = StopSignal()  # Ctrl-C and SIGTERM (`kill`, job schedulers) stop cleanly
+    stop.install()
+    objective = Objective(config, data, device, observers, stop)
     progress = Progress(total=config.n_trials, done=done)
     started = time.perf_counter()
     try:
         # Failed trials count towards this run's budget, so a study whose every trial diverges
         # still ends; a rerun fills the finished-trial count up to n_trials.
         study.optimize(objective, n_trials=remaining, timeout=config.timeout, catch=(TrialFailed,),
-                       callbacks=[progress, MaxTrialsCallback(config.n_trials, states=FINISHED)])
+                       callbacks=[progress, MaxTrialsCallback(config.n_trials, states=FINISHED),
+                                  stop.check])
     except KeyboardInterrupt:
         progress.close()
+        _study_ended(observers, study, interrupted=True)
         print(f"\nInterrupted after {time.perf_counter() - started:.0f} s: the running trial is marked "
               "FAIL and the storage is consistent. Rerun the same command to resume.", file=sys.stderr)
         return 130
     progress.close()
+    _study_ended(observers, study, interrupted=False)
     print(f"Ran for {time.perf_counter() - started:.0f} s.")
     return _finish(study, config)
 
@@ -104,8 +117,10 @@ def _finish(study: optuna.Study, config: StudyConfig) -> int:
     if config.study_name != config.study:
         args += f" study_name={config.study_name}"
     print("Next:")
-    print(f"  optuna-dashboard {config.storage}            # browse trials, curves, importances")
-    if config.tracking_enabled:
+    print(f"  python -m search.dashboard {args}   # optuna-dashboard: trials, curves, importances")
+    if config.tracking_enabled and config.tracking_uri.startswith(("http://", "https://")):
+        print(f"  open {config.tracking_uri} (MLflow)   # compare runs")
+    elif config.tracking_enabled:
         print(f"  mlflow ui --backend-store-uri {config.tracking_uri}   # compare runs")
     print(f"  python -m search.report {args}   # tables, plots, final test accuracy")
     return 0
@@ -127,7 +142,9 @@ def main(argv: list[str]) -> int:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     # Heartbeats (see search.study) are flagged experimental; the warning means nothing to users.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    _interrupt_on_sigterm()
+    if config.workers > 1 and not config.dry_run:
+        from search.workers import run_workers  # N trial processes against the same storage
+        return run_workers(config, [a for a in argv if a != "--cfg"])
     return run(config)
 
 

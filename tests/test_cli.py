@@ -88,7 +88,7 @@ def test_baseline_is_trial_zero(tmp_path, storage):
     args = ["dataset=fake", "tracking_uri=none", "device=cpu", "space.width_1.choices=[32]",
             "space.width_2.choices=[64]", "space.width_3.choices=[128]", "space.hidden_1.choices=[256]"]
     result = run_cli("search.run", "study=cnn3", *args, f"storage={storage}", "epochs=1",
-                     "n_trials=2", "pruner=none", cwd=tmp_path)
+                     "n_trials=1", "pruner=none", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     first = load(storage).trials[0]
     assert first.user_attrs["baseline"] == 0
@@ -99,7 +99,7 @@ def test_baseline_is_trial_zero(tmp_path, storage):
 
 def test_dry_run_builds_both_extremes_and_writes_nothing(tmp_path, storage):
     result = run_cli("search.run", "study=cnn3", "dataset=fake", "tracking_uri=none", "dry_run=true",
-                     f"storage={storage}", cwd=tmp_path)
+                     "space.batch_size.choices=[16,32]", f"storage={storage}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "smallest model ok" in result.stdout and "largest model ok" in result.stdout
     assert not Path(storage.removeprefix("sqlite:///")).exists()

@@ -1,0 +1,81 @@
+"""`workers=N`: several trial processes share one study and stop at exactly `n_trials`."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import TINY, load, run_cli
+from search.config import load_config
+from search.objective import TrialFailed
+from search.workers import work
+
+
+def _run_threads(tmp_path: Path, n_trials: int, threads: int, objective) -> optuna.Study:
+    """`work` in several threads, each with its own Study object (as separate processes have)."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    config = load_config(["study=cnn3", "dataset=fake", f"storage={storage}", f"n_trials={n_trials}"])
+    optuna.create_study(study_name=config.study_name, storage=storage, direction="maximize")
+    since = datetime.now()
+    errors: list[BaseException] = []
+
+    def worker(index: int) -> None:
+        try:
+            study = optuna.load_study(study_name=config.study_name, storage=storage,
+                                      sampler=optuna.samplers.RandomSampler(seed=index))
+            work(config, study, objective, index=index, since=since)
+        except BaseException as error:  # noqa: BLE001 - reported by the test below
+            errors.append(error)
+
+    running = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for thread in running:
+        thread.start()
+    for thread in running:
+        thread.join(timeout=60)
+    assert not errors, errors
+    return optuna.load_study(study_name=config.study_name, storage=storage)
+
+
+def test_concurrent_workers_start_exactly_the_missing_trials(tmp_path: Path) -> None:
+    def objective(trial: optuna.Trial) -> float:
+        time.sleep(0.02)  # long enough for the workers to overlap
+        return trial.suggest_float("x", 0, 1)
+
+    study = _run_threads(tmp_path, n_trials=9, threads=3, objective=objective)
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states == [TrialState.COMPLETE] * 9  # none over, none running, none failed
+
+
+def test_failures_use_up_the_budget_instead_of_looping(tmp_path: Path) -> None:
+    def objective(trial: optuna.Trial) -> float:
+        raise TrialFailed("diverged")
+
+    study = _run_threads(tmp_path, n_trials=4, threads=2, objective=objective)
+    assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.FAIL] * 4
+
+
+@pytest.mark.slow
+def test_two_processes_finish_exactly_n_trials(tmp_path: Path, storage: str) -> None:
+    n_trials = 4
+    result = run_cli("search.run", "study=cnn3", *TINY, "space.batch_size.choices=[64,128]",
+                     "space.width_1.choices=[8,32]", "space.width_2.choices=[8,64]",
+                     "space.width_3.choices=[16,128]", "space.hidden_1.choices=[32,256]",
+                     "epochs=1", f"n_trials={n_trials}", "pruner=none", "workers=2",
+                     f"storage={storage}", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 worker processes" in result.stdout
+    trials = load(storage).get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * n_trials
+    # The baseline was enqueued once, by the main process, and is trial 0.
+    assert [t.number for t in trials if t.user_attrs.get("baseline") == 0] == [0]
+    # Different sampler seeds per worker: no configuration was proposed twice.
+    proposals = [tuple(sorted(t.params.items())) for t in trials]
+    assert len(set(proposals)) == n_trials
+    lines = [line for line in result.stdout.splitlines() if line.startswith("[worker ")]
+    assert len(lines) == n_trials and f"({n_trials}/{n_trials} finished)" in result.stdout
