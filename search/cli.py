@@ -8,7 +8,9 @@ import sys
 import textwrap
 from collections.abc import Callable
 
-from search.config import available_studies
+from typing import Any
+
+from search.config import available_studies, parse_overrides
 from search.errors import SearchError
 
 # Shown by --help for every key a study file or an override may set.
@@ -36,9 +38,11 @@ KEY_HELP = {
 }
 
 
-def help_text(command: str, summary: str, keys: dict[str, str], examples: list[str]) -> str:
+def help_text(command: str, summary: str, keys: dict[str, str], examples: list[str],
+              options: tuple[str, ...] = ("--cfg",)) -> str:
     width = max(len(k) for k in keys) + 2
-    lines = [f"usage: python -m {command} study=NAME [key=value ...] [--cfg] [--help]", "",
+    flags = "".join(f" [{o}]" for o in (*options, "--help"))
+    lines = [f"usage: python -m {command} study=NAME [key=value ...]{flags}", "",
              textwrap.fill(summary, 96), "", "keys:"]
     for key, text in keys.items():
         lines.append(f"  {key:<{width}}{text}")
@@ -58,3 +62,15 @@ def main_guard(body: Callable[[list[str]], int], argv: list[str] | None = None) 
     except SearchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def command_overrides(argv: list[str], command: str, keys: dict[str, str]) -> dict[str, Any]:
+    """`key=value` words of a command with its own small set of keys (report, train), checked."""
+    options = [a for a in argv if a.startswith("-")]
+    if options:
+        raise SearchError(f"unknown option {options[0]}; options: --help.")
+    overrides = dict(parse_overrides(argv))
+    unknown = [k for k in overrides if k not in keys]
+    if unknown:
+        raise SearchError(f"unknown key '{unknown[0]}' for {command}; keys: {', '.join(keys)}.")
+    return overrides

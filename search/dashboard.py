@@ -258,7 +258,7 @@ def open_storage(config: StudyConfig) -> tuple[optuna.storages.BaseStorage, int]
 
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
-        print(help_text("search.dashboard", SUMMARY, KEY_HELP, EXAMPLES).replace(" [--cfg]", ""))
+        print(help_text("search.dashboard", SUMMARY, KEY_HELP, EXAMPLES, options=()))
         return 0
     unknown = [a for a in argv if a.startswith("-")]
     if unknown:

@@ -20,8 +20,7 @@ from typing import Any, NamedTuple
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search.cli import KEY_HELP, help_text, main_guard
-from search.config import parse_overrides
+from search.cli import KEY_HELP, command_overrides, help_text, main_guard
 from search.errors import SearchError
 from search.objective import load_search_data
 from search.progress import format_params
@@ -139,15 +138,9 @@ def _count(key: str, value: Any) -> int:
 
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
-        print(help_text("search.train", SUMMARY, KEYS, EXAMPLES).replace(" [--cfg]", ""))
+        print(help_text("search.train", SUMMARY, KEYS, EXAMPLES, options=()))
         return 0
-    options_given = [a for a in argv if a.startswith("-")]
-    if options_given:
-        raise SearchError(f"unknown option {options_given[0]}; options: --help.")
-    overrides = dict(parse_overrides(argv))
-    unknown = [k for k in overrides if k not in KEYS]
-    if unknown:
-        raise SearchError(f"unknown key '{unknown[0]}' for search.train; keys: {', '.join(KEYS)}.")
+    overrides = command_overrides(argv, "search.train", KEYS)
     if "trial" not in overrides:
         raise SearchError("no trial given: add trial=NUMBER (the report's top table lists them).")
     number = _count("trial", overrides["trial"])

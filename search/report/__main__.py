@@ -10,8 +10,8 @@ from typing import Any
 
 import optuna
 
-from search.cli import KEY_HELP, help_text, main_guard
-from search.config import StudyConfig, parse_overrides
+from search.cli import KEY_HELP, command_overrides, help_text, main_guard
+
 from search.errors import SearchError
 from search.report.compare import write_comparison
 from search.report.compose import ReportOptions, write_report
@@ -87,15 +87,9 @@ def final_run_hook(source) -> FinalRunHook | None:
 
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
-        print(help_text("search.report", SUMMARY, KEYS, EXAMPLES).replace(" [--cfg]", ""))
+        print(help_text("search.report", SUMMARY, KEYS, EXAMPLES, options=()))
         return 0
-    options_given = [a for a in argv if a.startswith("-")]
-    if options_given:
-        raise SearchError(f"unknown option {options_given[0]}; options: --help.")
-    overrides = dict(parse_overrides(argv))
-    unknown = [k for k in overrides if k not in KEYS]
-    if unknown:
-        raise SearchError(f"unknown key '{unknown[0]}' for search.report; keys: {', '.join(KEYS)}.")
+    overrides = command_overrides(argv, "search.report", KEYS)
     options = parse_options(overrides)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
