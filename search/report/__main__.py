@@ -11,7 +11,6 @@ from typing import Any
 import optuna
 
 from search.cli import KEY_HELP, command_overrides, help_text, main_guard
-
 from search.errors import SearchError
 from search.report.compare import write_comparison
 from search.report.compose import ReportOptions, write_report
