@@ -106,7 +106,7 @@ def test_dry_run_builds_both_extremes_and_writes_nothing(tmp_path, storage):
 
 
 def test_sigint_then_rerun_completes_without_lost_or_duplicated_trials(tmp_path, storage):
-    args = ["study=cnn3", *TINY, f"storage={storage}", "epochs=3", "n_trials=5", "pruner=none"]
+    args = ["study=cnn3", *TINY, f"storage={storage}", "epochs=3", "n_trials=4", "pruner=none"]
     process = subprocess.Popen([sys.executable, "-m", "search.run", *args], cwd=tmp_path,
                                env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -132,6 +132,6 @@ def test_sigint_then_rerun_completes_without_lost_or_duplicated_trials(tmp_path,
     assert rerun.returncode == 0, rerun.stderr
     assert "Resuming study" in rerun.stdout
     trials = load(storage).trials
-    assert sum(t.state in FINISHED for t in trials) == 5
+    assert sum(t.state in FINISHED for t in trials) == 4
     assert [t.number for t in trials] == list(range(len(trials)))
-    assert len(trials) == 5 + len(failed)
+    assert len(trials) == 4 + len(failed)
