@@ -205,7 +205,7 @@ def run_workers(config: StudyConfig, overrides: list[str]) -> int:
         codes = [w.returncode for w in workers]
     except KeyboardInterrupt:
         _stop(workers)
-        _study_ended(observers, study, interrupted=True)
+        run_module._study_ended(observers, study, interrupted=True)
         print(f"\nInterrupted after {time.perf_counter() - started:.0f} s: the running trials are "
               "marked FAIL and the storage is consistent. Rerun the same command to resume.",
               file=sys.stderr)
@@ -213,20 +213,13 @@ def run_workers(config: StudyConfig, overrides: list[str]) -> int:
     except BaseException:  # a bug or a user error in this process: the workers stop too
         _stop(workers)
         raise
-    _study_ended(observers, study, interrupted=False)
+    run_module._study_ended(observers, study, interrupted=False)
     print(f"Ran for {time.perf_counter() - started:.0f} s with {config.workers} worker processes.")
     failed = [(i + 1, code) for i, code in enumerate(codes) if code != 0]
     for number, code in failed:
         print(f"warning: worker {number} exited with status {code}.", file=sys.stderr)
     finish = run_module._finish(study, config)
     return 1 if failed else finish
-
-
-def _study_ended(observers: list, study: optuna.Study, interrupted: bool) -> None:
-    """Lets the observers close what spans the run (the MLflow parent run), once, here."""
-    for observer in observers:
-        if hasattr(observer, "study_ended"):
-            observer.study_ended(study, interrupted)
 
 
 def _stop(workers: list[subprocess.Popen]) -> None:
