@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import optuna
 import pytest
+import sqlalchemy
 import torch
 from optuna.trial import TrialState
 
@@ -62,6 +65,61 @@ def test_pruners_use_epochs_as_resource():
                       ("median", optuna.pruners.MedianPruner), ("patient", optuna.pruners.PatientPruner),
                       ("none", optuna.pruners.NopPruner)):
         assert isinstance(make_pruner(load_config(["study=cnn3", f"pruner={name}"])), cls)
+
+
+def test_sqlite_storage_writes_ahead_and_others_read_it(storage, tmp_path):
+    study = optuna.create_study(storage=make_storage(storage), study_name="s")
+    study.set_user_attr("written", 1)
+    with make_storage(storage).engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    with sqlite3.connect(tmp_path / "optuna.db") as plain:  # the mode is kept in the file
+        assert plain.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    reader = optuna.load_study(study_name="s", storage=storage)  # a plain reader, as the report
+    assert reader.user_attrs == {"written": 1}
+
+
+def _ask_tell(pruner: optuna.pruners.BasePruner, storage: str, n_trials: int) -> list:
+    """A short study with cnn3's whole space and random curves: what was sampled and pruned,
+    and how often the study's trials were read from the storage."""
+    config = load_config(["study=cnn3", "epochs=9"])
+    backend = make_storage(storage)
+    reads = 0
+
+    def count_trial_reads(_connection, _cursor, statement, *_args) -> None:
+        nonlocal reads
+        reads += "ORDER BY trials.trial_id" in statement  # Optuna's query for a study's trials
+
+    sqlalchemy.event.listen(backend.engine, "before_cursor_execute", count_trial_reads)
+    study = optuna.create_study(storage=backend, study_name="s", direction="maximize",
+                                sampler=optuna.samplers.TPESampler(seed=1, n_startup_trials=4),
+                                pruner=pruner)
+    curves = torch.Generator().manual_seed(0)
+    outcomes = []
+    for _ in range(n_trials):
+        trial = study.ask()
+        params = suggest(trial, config.space)
+        state, value = TrialState.COMPLETE, 0.0
+        for epoch in range(1, config.epochs + 1):
+            value = float(torch.rand((), generator=curves))
+            trial.report(value, epoch)
+            if trial.should_prune():
+                state = TrialState.PRUNED
+                break
+        study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+        outcomes.append((params, state))
+    return outcomes, reads
+
+
+def test_hyperband_reads_the_storage_once_per_trial_and_decides_as_optunas(tmp_path):
+    config = load_config(["study=cnn3", "epochs=9", "pruner=hyperband"])
+    ours, our_reads = _ask_tell(make_pruner(config), f"sqlite:///{tmp_path}/ours.db", 12)
+    theirs, their_reads = _ask_tell(optuna.pruners.HyperbandPruner(max_resource=9),
+                                    f"sqlite:///{tmp_path}/optuna.db", 12)
+    assert ours == theirs  # the same points sampled, the same trials pruned
+    assert any(state == TrialState.PRUNED for _, state in ours)
+    print(f"trial reads: ours {our_reads}, Optuna's {their_reads}")
+    assert their_reads > 4 * 17  # Optuna's: one per parameter sampled in the 4 random trials
+    assert our_reads < their_reads / 2, (our_reads, their_reads)
 
 
 def _run(config, n_trials, monkeypatch=None):
