@@ -16,19 +16,18 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import optuna
 import optuna_dashboard
 import yaml
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import TrialState
 
 from search.cli import help_text, main_guard
+from search.curves import CurveDrawer
 from search.config import DEFAULT_TRACKING_URI, StudyConfig, load_config
 from search.errors import SearchError
 from search.objective import trial_seed
@@ -115,40 +114,24 @@ def trial_config(config: StudyConfig, number: int, state: TrialState, params: di
     }
 
 
-def plot_learning_curve(history: list[EpochMetrics], title: str) -> Figure:
-    """Accuracy and loss per epoch, train and validation; a pruned trial simply ends early."""
-    figure = Figure(figsize=(8, 3.2), layout="constrained")
-    FigureCanvasAgg(figure)  # Agg, whatever backend pyplot would pick: no display needed
-    accuracy, loss = figure.subplots(1, 2)
-    epochs = [m.epoch for m in history]
-    for axes, key in ((accuracy, "accuracy"), (loss, "loss")):
-        axes.plot(epochs, [getattr(m, f"train_{key}") for m in history], "o-", label="train")
-        val = [getattr(m, f"val_{key}") for m in history]
-        if any(v is not None for v in val):
-            axes.plot(epochs, [float("nan") if v is None else v for v in val], "o-",
-                      label="validation")
-        axes.set_xlabel("epoch")
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        axes.set_ylabel(key)
-        axes.grid(alpha=0.3)
-        axes.legend()
-    accuracy.set_ylim(0, 1)
-    figure.suptitle(title)
-    return figure
-
-
 # ---------------------------------------------------------------- the observer
 
 class DashboardArtifacts:
     """A `TrialObserver` uploading each finished trial's learning curve and config as Optuna
     artifacts, and writing the study note once (a note the user edited is never overwritten).
 
+    The learning curve is registered at once (Optuna takes artifacts only while the trial
+    runs) as an empty file, which `CurveDrawer` replaces in a helper process while the next
+    trial trains; `study_ended` waits for the curves still being drawn.
+
     A failure here (full disk, unwritable folder) warns and stops the uploads; trials go on.
     """
 
     def __init__(self, config: StudyConfig) -> None:
         self.config = config
+        self.folder = artifact_dir(config.storage).resolve()
         self.store = artifact_store(config.storage)
+        self.drawer = CurveDrawer()
         self.enabled = True
         self.seconds = 0.0
         self._noted = False
@@ -184,22 +167,26 @@ class DashboardArtifacts:
         with self._uploading(f"finishing trial {trial.number}"), \
                 tempfile.TemporaryDirectory() as folder:
             stem = Path(folder) / f"trial-{trial.number:04d}"
-            config_path = stem.with_name(stem.name + "-config.yaml")
-            config_path.write_text(yaml.safe_dump(
-                trial_config(self.config, trial.number, state, params, attrs), sort_keys=False))
-            paths = [config_path]
             if history:
                 title = f"{self.config.study_name} trial {trial.number}: {state.name.lower()}"
                 if "pruned_at_epoch" in attrs:
                     title += f" at epoch {attrs['pruned_at_epoch']}"
-                curve_path = stem.with_name(stem.name + "-learning-curve.png")
-                plot_learning_curve(history, title).savefig(curve_path, dpi=100)
-                paths.insert(0, curve_path)
-            for path in paths:
-                # text/plain, not the guessed application/yaml: browsers show it, not download it
-                mimetype = "text/plain" if path.suffix == ".yaml" else None
-                upload_artifact(artifact_store=self.store, file_path=str(path),
-                                study_or_trial=trial, mimetype=mimetype)
+                placeholder = stem.with_name(stem.name + "-learning-curve.png")
+                placeholder.touch()
+                artifact_id = upload_artifact(artifact_store=self.store, study_or_trial=trial,
+                                              file_path=str(placeholder))
+                # A FileSystemArtifactStore keeps artifact ID under its folder as file ID.
+                self.drawer.draw([asdict(m) for m in history], title, self.folder / artifact_id)
+            config_path = stem.with_name(stem.name + "-config.yaml")
+            config_path.write_text(yaml.safe_dump(
+                trial_config(self.config, trial.number, state, params, attrs), sort_keys=False))
+            # text/plain, not the guessed application/yaml: browsers show it, not download it
+            upload_artifact(artifact_store=self.store, file_path=str(config_path),
+                            study_or_trial=trial, mimetype="text/plain")
+
+    def study_ended(self, study: optuna.Study, interrupted: bool) -> None:
+        """Waits for the learning curves still being drawn, so that all are on disk."""
+        self.drawer.wait()
 
 
 # ---------------------------------------------------------------- `python -m search.dashboard`

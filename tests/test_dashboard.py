@@ -54,6 +54,7 @@ def small_study(tmp_path_factory):
             trial.report(metrics.val_accuracy, metrics.epoch)
         study.tell(trial, history[-1].val_accuracy if state == TrialState.COMPLETE else None,
                    state=state)
+    observer.study_ended(study, interrupted=False)  # the curves are drawn by then
     return config, study
 
 
