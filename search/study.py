@@ -4,6 +4,7 @@ resumed study from silently mixing trials run under different settings."""
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -119,8 +120,11 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     return storage
 
 
-def _sqlite_write_ahead_log(connection: Any, _record: Any) -> None:
-    connection.execute("PRAGMA journal_mode=WAL")  # stored in the file: later readers use it too
+def _sqlite_write_ahead_log(connection: sqlite3.Connection, _record: Any) -> None:
+    try:
+        connection.execute("PRAGMA journal_mode=WAL")  # kept in the file: readers use it too
+    except sqlite3.OperationalError:  # another process holds the file busy: WAL is only speed
+        pass
     connection.execute("PRAGMA synchronous=NORMAL")
 
 

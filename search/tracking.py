@@ -142,7 +142,8 @@ def _reason(error: BaseException) -> str:
 def _write_ahead_log(database: Path) -> None:
     """Puts a SQLite store in write-ahead-log mode (kept in the file), for the reason given in
     `search.study.make_storage`: each run's and metric's commit then skips the journal's syncs."""
-    with contextlib.closing(sqlite3.connect(database)) as connection:
+    with contextlib.closing(sqlite3.connect(database)) as connection, \
+            contextlib.suppress(sqlite3.OperationalError):  # busy elsewhere: WAL is only speed
         connection.execute("PRAGMA journal_mode=WAL")
 
 
