@@ -48,8 +48,9 @@ def make_observers(config: StudyConfig) -> list:
     return observers + [DashboardArtifacts(config)]
 
 
-def _study_ended(observers: list, study: optuna.Study, interrupted: bool) -> None:
-    """Lets observers close what spans the whole run (the MLflow parent run)."""
+def end_study(observers: list, study: optuna.Study, interrupted: bool) -> None:
+    """Lets observers close what spans the whole run (the MLflow parent run, the learning
+    curves still being drawn); `search.workers` ends its runs the same way."""
     for observer in observers:
         if hasattr(observer, "study_ended"):
             observer.study_ended(study, interrupted)
@@ -78,7 +79,7 @@ def run(config: StudyConfig) -> int:
     remaining = config.n_trials - done
     if remaining <= 0:
         print("Nothing to do: the study already has its trials (raise n_trials= to run more).")
-        return _finish(study, config)
+        return print_summary(study, config)
     stop = StopSignal()  # Ctrl-C and SIGTERM (`kill`, job schedulers) stop cleanly
     stop.install()
     objective = Objective(config, data, device, observers, stop)
@@ -92,17 +93,18 @@ def run(config: StudyConfig) -> int:
                                   stop.check])
     except KeyboardInterrupt:
         progress.close()
-        _study_ended(observers, study, interrupted=True)
+        end_study(observers, study, interrupted=True)
         print(f"\nInterrupted after {time.perf_counter() - started:.0f} s: the running trial is marked "
               "FAIL and the storage is consistent. Rerun the same command to resume.", file=sys.stderr)
         return 130
     progress.close()
-    _study_ended(observers, study, interrupted=False)
+    end_study(observers, study, interrupted=False)
     print(f"Ran for {time.perf_counter() - started:.0f} s.")
-    return _finish(study, config)
+    return print_summary(study, config)
 
 
-def _finish(study: optuna.Study, config: StudyConfig) -> int:
+def print_summary(study: optuna.Study, config: StudyConfig) -> int:
+    """The study's trial counts, its best trial and the commands to look further; exit code 0."""
     trials = study.get_trials(deepcopy=False)
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in optuna.trial.TrialState}
     print("Trials: " + ", ".join(f"{n} {state}" for state, n in counts.items() if n))

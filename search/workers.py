@@ -184,7 +184,7 @@ def run_workers(config: StudyConfig, overrides: list[str]) -> int:
           f"{config.workers} worker processes.", flush=True)
     if done >= config.n_trials:
         print("Nothing to do: the study already has its trials (raise n_trials= to run more).")
-        return run_module._finish(study, config)
+        return run_module.print_summary(study, config)
     _share_cpu(config.workers, device)
     stop = _stop_signal()
     since = datetime.now()
@@ -205,7 +205,7 @@ def run_workers(config: StudyConfig, overrides: list[str]) -> int:
         codes = [w.returncode for w in workers]
     except KeyboardInterrupt:
         _stop(workers)
-        run_module._study_ended(observers, study, interrupted=True)
+        run_module.end_study(observers, study, interrupted=True)
         print(f"\nInterrupted after {time.perf_counter() - started:.0f} s: the running trials are "
               "marked FAIL and the storage is consistent. Rerun the same command to resume.",
               file=sys.stderr)
@@ -213,12 +213,12 @@ def run_workers(config: StudyConfig, overrides: list[str]) -> int:
     except BaseException:  # a bug or a user error in this process: the workers stop too
         _stop(workers)
         raise
-    run_module._study_ended(observers, study, interrupted=False)
+    run_module.end_study(observers, study, interrupted=False)
     print(f"Ran for {time.perf_counter() - started:.0f} s with {config.workers} worker processes.")
     failed = [(i + 1, code) for i, code in enumerate(codes) if code != 0]
     for number, code in failed:
         print(f"warning: worker {number} exited with status {code}.", file=sys.stderr)
-    finish = run_module._finish(study, config)
+    finish = run_module.print_summary(study, config)
     return 1 if failed else finish
 
 

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from optuna.trial import FrozenTrial
 
+from search.augment import BatchLoader
 from search.config import StudyConfig
 from search.data import DATASETS, DatasetSpec, ImageSet, load_split
 from search.objective import trial_seed
 from search.report.source import trial_params
-from search.trainer import EVAL_BATCH_SIZE, EpochMetrics, TrainResult, evaluate, make_loader, predict, train
+from search.trainer import EpochMetrics, Speed, TrainResult, evaluate, make_loader, predict, train
 
 # Class names where the data set has well-known ones; others are numbered.
 CLASS_NAMES = {
@@ -128,7 +129,7 @@ def final_evaluation(config: StudyConfig, entries: Sequence[tuple[str, FrozenTri
     spec = DATASETS[config.dataset]
     full_train = load_split(config.dataset, config.data_dir, train=True)
     test = load_split(config.dataset, config.data_dir, train=False)
-    test_loader = make_loader(test, spec, device, batch_size=EVAL_BATCH_SIZE, train=False)
+    test_loader = _eval_loader(test, spec, device)
     results, predictions = [], None
     for label, trial in entries:
         params = trial_params(trial, config)
@@ -155,16 +156,22 @@ def final_evaluation(config: StudyConfig, entries: Sequence[tuple[str, FrozenTri
     return FinalEvaluation(results, predictions, seeds, config.epochs, len(full_train), len(test))
 
 
+def _eval_loader(data: ImageSet, spec: DatasetSpec, device: torch.device) -> BatchLoader:
+    """Evaluation batches of the size the device evaluates fastest at (see `Speed`)."""
+    return make_loader(data, spec, device, batch_size=Speed.for_device(device).eval_batch_size,
+                       train=False)
+
+
 def predict_test_set(model: torch.nn.Module, test: ImageSet, spec: DatasetSpec,
                      device: torch.device, label: str, trial_number: int,
                      max_points: int = MAX_TSNE_POINTS, seed: int = 0) -> TestPredictions:
     """Predicted classes of all test images; penultimate features of a seeded subsample."""
-    loader = make_loader(test, spec, device, batch_size=EVAL_BATCH_SIZE, train=False)
+    loader = _eval_loader(test, spec, device)
     predicted, labels = predict(model, loader, device)
     chosen = np.sort(np.random.default_rng(seed).permutation(len(test))[:max_points])
     index = torch.from_numpy(chosen)
     subset = ImageSet(test.images.index_select(0, index), test.labels.index_select(0, index))
-    sub_loader = make_loader(subset, spec, device, batch_size=EVAL_BATCH_SIZE, train=False)
+    sub_loader = _eval_loader(subset, spec, device)
     features, feature_labels = predict(model, sub_loader, device, features=True)
     return TestPredictions(label, trial_number, labels.numpy(), predicted.numpy(),
                            features.numpy(), feature_labels.numpy())
