@@ -27,8 +27,8 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import TrialState
 
 from search.cli import help_text, main_guard
-from search.curves import CurveDrawer
 from search.config import DEFAULT_TRACKING_URI, StudyConfig, load_config
+from search.curves import CurveDrawer
 from search.errors import SearchError
 from search.objective import trial_seed
 from search.study import existing_study_id
