@@ -3,6 +3,7 @@ resumed study from silently mixing trials run under different settings."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 from pathlib import Path
@@ -116,15 +117,19 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
         # stays consistent after a crash (only the last commits can be lost, on power loss),
         # and lets the dashboard and other workers read while a trial writes.
         storage.engine.dispose()  # connections opened while creating the tables lack the pragmas
-        sqlalchemy.event.listen(storage.engine, "connect", _sqlite_write_ahead_log)
+        sqlalchemy.event.listen(storage.engine, "connect", _fast_sqlite_connection)
     return storage
 
 
-def _sqlite_write_ahead_log(connection: sqlite3.Connection, _record: Any) -> None:
-    try:
-        connection.execute("PRAGMA journal_mode=WAL")  # kept in the file: readers use it too
-    except sqlite3.OperationalError:  # another process holds the file busy: WAL is only speed
-        pass
+def write_ahead_log(connection: sqlite3.Connection) -> None:
+    """Puts a SQLite file in write-ahead-log mode (see `make_storage` for why); the mode is
+    kept in the file, so later readers use it too. MLflow's SQLite store gets the same."""
+    with contextlib.suppress(sqlite3.OperationalError):  # busy in another process: only speed
+        connection.execute("PRAGMA journal_mode=WAL")
+
+
+def _fast_sqlite_connection(connection: sqlite3.Connection, _record: Any) -> None:
+    write_ahead_log(connection)
     connection.execute("PRAGMA synchronous=NORMAL")
 
 

@@ -52,6 +52,7 @@ from optuna.trial import TrialState
 
 from search.config import DEFAULT_TRACKING_URI, StudyConfig, to_yaml
 from search.errors import SearchError
+from search.study import write_ahead_log
 from search.trainer import EpochMetrics, resolve_device
 
 ROLE_TAG = "search.role"                  # "study" on the parent run, "trial" on child runs
@@ -139,14 +140,6 @@ def _reason(error: BaseException) -> str:
     return (text[:300] + "...") if len(text) > 300 else (text or type(error).__name__)
 
 
-def _write_ahead_log(database: Path) -> None:
-    """Puts a SQLite store in write-ahead-log mode (kept in the file), for the reason given in
-    `search.study.make_storage`: each run's and metric's commit then skips the journal's syncs."""
-    with contextlib.closing(sqlite3.connect(database)) as connection, \
-            contextlib.suppress(sqlite3.OperationalError):  # busy elsewhere: WAL is only speed
-        connection.execute("PRAGMA journal_mode=WAL")
-
-
 def check_tracking(uri: str) -> None:
     """Fails with a `SearchError` when the MLflow tracking store at `uri` cannot be used.
 
@@ -176,8 +169,9 @@ def check_tracking(uri: str) -> None:
         # One quick try: no retries, a short timeout (read when the request is made).
         with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10"), \
                 _store_lock(database):
-            if database is not None:
-                _write_ahead_log(database)
+            if database is not None:  # each run's and metric's commit then skips disk syncs
+                with contextlib.closing(sqlite3.connect(database)) as connection:
+                    write_ahead_log(connection)
             MlflowClient(uri).search_experiments(max_results=1)
     except Exception as error:  # noqa: BLE001 - any failure here means "cannot log there"
         hint = (" Start it (e.g. `mlflow server --backend-store-uri sqlite:///mlflow.db "
