@@ -20,9 +20,10 @@ from pathlib import Path
 
 from search.cli import main_guard
 from search.config import load_config
+from search.data import load_search_data
 from search.errors import SearchError
-from search.objective import load_search_data, trial_seed
-from search.trainer import EpochMetrics, Speed, resolve_device, train
+from search.records import EpochMetrics, trial_seed
+from search.trainer import Speed, resolve_device, train
 
 TARGETS = {"cnn3": 0.91, "resnet20": 0.92}
 
@@ -41,7 +42,8 @@ def main(argv: list[str]) -> int:
                           f"data_dir={settings['data_dir']}", f"device={settings['device']}"])
     params = dict(config.baselines[0])
     device = resolve_device(config.device)
-    data = load_search_data(config)
+    data = load_search_data(config.dataset, config.data_dir, val_size=config.val_size,
+                            seed=config.seed)
     out = Path(settings["out"] or f"benchmarks/results/accuracy_{model}.json")
     print(f"{model} baseline on fashion_mnist ({len(data.train)} train / {len(data.val)} val), "
           f"{epochs} epochs on {device}, {Speed.for_device(device)}", flush=True)

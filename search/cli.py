@@ -7,45 +7,29 @@ import os
 import sys
 import textwrap
 from collections.abc import Callable
-
 from typing import Any
 
-from search.config import available_studies, parse_overrides
+from search.config import SETTINGS, available_studies, parse_overrides
 from search.errors import SearchError
+from search.params import PARAMS
 
 # Shown by --help for every key a study file or an override may set.
-KEY_HELP = {
-    "study": "study file under studies/ (or a path to a .yaml file)",
-    "model": "cnn3 | resnet20",
-    "dataset": "cifar10 | cifar100 | fashion_mnist | fake",
-    "data_dir": "where datasets live / are downloaded to (default: data)",
-    "val_size": "validation images carved from the training set (default: 5000; fake: 256)",
-    "epochs": "most epochs a trial trains: the pruner's max resource",
-    "n_trials": "finished (complete + pruned) trials the study should have",
-    "timeout": "seconds after which no new trial starts (default: none)",
-    "seed": "seeds the sampler, the validation split and every trial",
-    "device": "auto | cpu | cuda | cuda:N (auto: CUDA when present)",
-    "workers": "trial processes run at once against the same storage",
-    "storage": "Optuna storage URL (default: sqlite:///mlruns/optuna.db)",
-    "study_name": "name in the storage (default: the study file's name)",
-    "tracking_uri": "MLflow tracking URI (default: sqlite:///mlruns/mlflow.db); none = off",
-    "dry_run": "true: build the smallest and largest model, push one batch, stop",
-    "sampler": "tpe | random | gp   (sampler.n_startup_trials=N)",
-    "pruner": "hyperband | successive_halving | median | patient | none   (pruner.min_resource, "
-              "pruner.reduction_factor, pruner.n_startup_trials, pruner.n_warmup_steps, pruner.patience)",
-    "space.NAME.FIELD": "edit a search-space entry: low, high, log, step, choices",
-    "space.NAME": "fix a parameter to one value, e.g. space.optimizer=sgd",
-}
+KEY_HELP = {key: setting.help for key, setting in SETTINGS.items() if key != "baselines"}
 
 
 def help_text(command: str, summary: str, keys: dict[str, str], examples: list[str],
-              options: tuple[str, ...] = ("--cfg",)) -> str:
+              options: tuple[str, ...] = ("--cfg",), with_params: bool = False) -> str:
+    """The --help page: keys, (for search.run) every searchable parameter, studies, examples."""
     width = max(len(k) for k in keys) + 2
     flags = "".join(f" [{o}]" for o in (*options, "--help"))
     lines = [f"usage: python -m {command} study=NAME [key=value ...]{flags}", "",
              textwrap.fill(summary, 96), "", "keys:"]
     for key, text in keys.items():
-        lines.append(f"  {key:<{width}}{text}")
+        lines += textwrap.wrap(text, 100, initial_indent=f"  {key:<{width}}",
+                               subsequent_indent=" " * (width + 2))
+    if with_params:
+        lines += ["", "parameters (space.NAME; which ones a study may use depends on its model):"]
+        lines += [f"  {p.name:<18}{p.valid():<42} {p.help}" for p in PARAMS.values()]
     studies = available_studies()
     lines += ["", "studies: " + (", ".join(studies) if studies else "none found under ./studies"),
               "", "Values are YAML: lists as [sgd,adam], numbers as 1e-3, booleans as true/false.",

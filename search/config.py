@@ -1,9 +1,13 @@
 """Study configuration: a YAML file under `studies/`, edited by `key=value` overrides, validated
 into frozen dataclasses before anything touches a storage.
 
-OmegaConf (not Hydra) does the merging: Hydra would own the process (working directory, logging,
-its own sweeper that hides the trial and so cannot prune per epoch), while all we need is YAML,
-dotted keys and a resolved tree we can check ourselves and print with `--cfg`.
+Every top-level key is one `Setting` in `SETTINGS` (default, help text, check), and every
+hyperparameter one `search.params.Param`; --help, validation and the defaults all read those.
+
+OmegaConf (not Hydra) does the merging and parses override values (YAML, plus numbers such as
+`1e-3`): Hydra would own the process (working directory, logging, its own sweeper that hides the
+trial and so cannot prune per epoch), while all we need is YAML, dotted keys and a resolved tree
+we can check ourselves and print with `--cfg`.
 """
 
 from __future__ import annotations
@@ -12,7 +16,8 @@ import difflib
 import hashlib
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,60 +25,125 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from search.data import DATASETS
 from search.errors import SearchError
+from search.params import MODELS
 from search.space import ParamSpec, check_baseline, parse_space
 
 SAMPLERS = ("tpe", "random", "gp")
 PRUNERS = ("hyperband", "median", "successive_halving", "patient", "none")
-DEVICES = ("auto", "cpu", "cuda")
-DATASET_NAMES = ("cifar10", "cifar100", "fashion_mnist", "fake")
-MODEL_NAMES = ("cnn3", "resnet20")
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
-SCHEDULES = ("none", "cosine", "step")
-
-# What the trainer understands in a trial's params (the model's own names are in MODEL_PARAMS).
-TRAINER_PARAMS = (
-    "lr", "weight_decay", "batch_size", "optimizer", "momentum", "nesterov", "beta1", "beta2",
-    "alpha", "schedule", "step_size", "gamma", "augment", "label_smoothing",
-)
-MODEL_PARAMS = {
-    "cnn3": ("kernel_size_1", "kernel_size_2", "kernel_size_3", "width_1", "width_2", "width_3",
-             "hidden_1", "hidden_2", "dropout", "batch_norm", "activation"),
-    "resnet20": ("width_multiplier", "stem_kernel_size", "dropout", "activation"),
-}
-# Categorical values the code understands, checked so a typo fails before the first trial.
-KNOWN_VALUES = {
-    "optimizer": OPTIMIZERS,
-    "schedule": SCHEDULES,
-    "activation": ("relu", "leaky_relu", "silu", "swish", "gelu"),
-}
-
 DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+MAX_SEED = 2**31 - 1  # numpy's and Optuna's samplers take 32-bit seeds; trial seeds add to it
 
-# Every top-level key a study file or an override may set, with its default. `study` names the file.
-DEFAULTS: dict[str, Any] = {
-    "study": None,
-    "model": None,
-    "dataset": None,
-    "data_dir": "data",
-    "val_size": None,
-    "epochs": 10,
-    "n_trials": 20,
-    "timeout": None,
-    "seed": 0,
-    "device": "auto",
-    "workers": 1,
-    "direction": "maximize",
-    "storage": None,
-    "study_name": None,
-    "tracking_uri": DEFAULT_TRACKING_URI,
-    "dry_run": False,
-    "sampler": {"name": "tpe", "n_startup_trials": 10},
-    "pruner": {"name": "hyperband", "min_resource": 1, "reduction_factor": 3,
-               "n_startup_trials": 5, "n_warmup_steps": 2, "patience": 5},
-    "space": {},
-    "baselines": [],
+
+# ---------------------------------------------------------------- checks of single values
+
+Check = Callable[[str, Any], Any]
+
+
+def _fail(key: str, value: Any, allowed: str) -> SearchError:
+    return SearchError(f"{key}={value!r}: expected {allowed}.")
+
+
+def whole(minimum: int, maximum: int | None = None, what: str = "a whole number") -> Check:
+    allowed = f"{what} >= {minimum}" + (f" and <= {maximum:,}" if maximum is not None else "")
+
+    def check(key: str, value: Any) -> int:
+        if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
+                or (maximum is not None and value > maximum)):
+            raise _fail(key, value, allowed)
+        return value
+    return check
+
+
+def seconds(key: str, value: Any) -> float:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+            or value == float("inf")):
+        raise _fail(key, value, "a number of seconds > 0, or null")
+    return float(value)
+
+
+def text(what: str) -> Check:
+    def check(key: str, value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise _fail(key, value, what)
+        return value
+    return check
+
+
+def flag(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(key, value, "true or false")
+    return value
+
+
+def one_of(allowed: tuple[str, ...]) -> Check:
+    def check(key: str, value: Any) -> str:
+        if value not in allowed or not isinstance(value, str):
+            hint = difflib.get_close_matches(str(value), allowed, n=1)
+            raise SearchError(f"{key}={value!r}: unknown value"
+                              + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                              + f"; allowed: {', '.join(allowed)}.")
+        return value
+    return check
+
+
+def optional(check: Check) -> Check:
+    return lambda key, value: None if value is None else check(key, value)
+
+
+def device_name(key: str, value: Any) -> str:
+    if not (isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?", value)):
+        raise SearchError(f"{key}={value!r}: unknown device; allowed: auto, cpu, cuda, cuda:N.")
+    return value
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A key of a study file or an override: its default, its --help line, how it is checked."""
+
+    default: Any
+    help: str
+    check: Check | None = None          # None: a section checked as a whole (space, ...)
+
+
+SETTINGS: dict[str, Setting] = {
+    "study": Setting(None, "study file under studies/ (or a path to a .yaml file)"),
+    "model": Setting(None, " | ".join(MODELS), one_of(tuple(MODELS))),
+    "dataset": Setting(None, " | ".join(DATASETS), one_of(tuple(DATASETS))),
+    "data_dir": Setting("data", "where datasets live / are downloaded to (default: data)",
+                        text("a directory path")),
+    "val_size": Setting(None, "validation images carved from the training set (default: 5000; "
+                              "fake: 256)", optional(whole(1, what="a whole number of images"))),
+    "epochs": Setting(10, "most epochs a trial trains: the pruner's max resource",
+                      whole(1, 100_000, "a whole number of epochs")),
+    "n_trials": Setting(20, "finished (complete + pruned) trials the study should have",
+                        whole(1, 1_000_000, "a whole number of trials")),
+    "timeout": Setting(None, "seconds after which no new trial starts (default: none)",
+                       optional(seconds)),
+    "seed": Setting(0, "seeds the sampler, the validation split and every trial",
+                    whole(0, MAX_SEED)),
+    "device": Setting("auto", "auto | cpu | cuda | cuda:N (auto: CUDA when present)",
+                      device_name),
+    "workers": Setting(1, "trial processes run at once against the same storage",
+                       whole(1, what="a whole number of processes")),
+    "storage": Setting(None, f"Optuna storage URL (default: {DEFAULT_STORAGE})",
+                       optional(text("an Optuna storage URL such as sqlite:///path/to.db"))),
+    "study_name": Setting(None, "name in the storage (default: the study file's name)",
+                          optional(text("a non-empty name"))),
+    "tracking_uri": Setting(DEFAULT_TRACKING_URI, f"MLflow tracking URI (default: "
+                            f"{DEFAULT_TRACKING_URI}); none = off",
+                            text("an MLflow tracking URI or 'none'")),
+    "dry_run": Setting(False, "true: build the smallest and largest model, push one batch, stop",
+                       flag),
+    "sampler": Setting(None, " | ".join(SAMPLERS) + "   (sampler.n_startup_trials=N)"),
+    "pruner": Setting(None, " | ".join(PRUNERS) + "   (pruner.min_resource, pruner."
+                      "reduction_factor, pruner.n_startup_trials, pruner.n_warmup_steps, "
+                      "pruner.patience)"),
+    "space": Setting({}, "the search space: space.NAME.FIELD edits an entry (low, high, log, "
+                         "step, choices); space.NAME=VALUE fixes a parameter"),
+    "baselines": Setting([], "hand-tuned configurations run first in a new study"),
 }
 SHORTHANDS = {"sampler": "sampler.name", "pruner": "pruner.name"}
 # The part of the config that defines what a trial's value means; resuming with other values
@@ -97,6 +167,17 @@ class PrunerConfig:
     patience: int = 5
 
 
+SECTIONS = {"sampler": (SamplerConfig, one_of(SAMPLERS)), "pruner": (PrunerConfig, one_of(PRUNERS))}
+
+
+def defaults() -> dict[str, Any]:
+    """Every top-level key with its default; sampler and pruner as their dataclasses' fields."""
+    tree = {key: setting.default for key, setting in SETTINGS.items()}
+    for section, (cls, _) in SECTIONS.items():
+        tree[section] = {f.name: f.default for f in fields(cls)}
+    return tree
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     """A fully resolved, validated study. `raw` keeps the merged tree for printing and hashing."""
@@ -112,7 +193,6 @@ class StudyConfig:
     seed: int
     device: str
     workers: int
-    direction: str
     storage: str
     study_name: str
     tracking_uri: str
@@ -177,7 +257,8 @@ def study_file(name: str) -> Path:
 # ---------------------------------------------------------------- overrides
 
 def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
-    """Splits `key=value` words; values are YAML (`[sgd,adam]`, `1e-3`, `true`, `null`)."""
+    """Splits `key=value` words; values are YAML as OmegaConf reads them (`[sgd,adam]`, `1e-3`,
+    `true`, `null`)."""
     overrides = []
     for arg in args:
         key, sep, text = arg.partition("=")
@@ -193,26 +274,14 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
 
 def _parse_value(key: str, text: str) -> Any:
     try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError as error:
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]
+    except (OmegaConfBaseException, yaml.YAMLError) as error:
         reason = str(error).splitlines()[0]
         raise SearchError(f"{key}={text}: malformed value ({reason}). Lists are written "
                           "[a,b,c], strings need no quotes.") from None
     if isinstance(value, str) and text.strip().startswith(("[", "{")):
         raise SearchError(f"{key}={text}: malformed list or mapping.")
-    return _numbers_in(value)
-
-
-def _numbers_in(value: Any) -> Any:
-    """YAML 1.1 reads `1e-3` (no dot) as a string; people mean a number."""
-    if isinstance(value, list):
-        return [_numbers_in(v) for v in value]
-    if isinstance(value, str) and _FLOAT.fullmatch(value):
-        return float(value)
     return value
-
-
-_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def valid_keys(tree: dict[str, Any]) -> list[str]:
@@ -220,8 +289,8 @@ def valid_keys(tree: dict[str, Any]) -> list[str]:
     keys = []
     for key, value in tree.items():
         keys.append(key)
-        if key in ("sampler", "pruner"):
-            keys += [f"{key}.{k}" for k in asdict(SamplerConfig() if key == "sampler" else PrunerConfig())]
+        if key in SECTIONS:
+            keys += [f"{key}.{f.name}" for f in fields(SECTIONS[key][0])]
         elif key == "space":
             for name, entry in value.items():
                 keys.append(f"space.{name}")
@@ -267,10 +336,10 @@ def resolve_tree(overrides: list[tuple[str, Any]], default_study: str | None = N
         raise SearchError(f"{path}: not a valid YAML study file ({error}).") from None
     if not isinstance(OmegaConf.to_container(from_file), dict):
         raise SearchError(f"{path}: a study file must be a YAML mapping.")
-    unknown = [k for k in from_file if k not in DEFAULTS]
+    unknown = [k for k in from_file if k not in SETTINGS]
     if unknown:
-        raise SearchError(f"{path}: unknown key '{unknown[0]}'; allowed: {', '.join(DEFAULTS)}.")
-    tree = OmegaConf.merge(OmegaConf.create(DEFAULTS), from_file)
+        raise SearchError(f"{path}: unknown key '{unknown[0]}'; allowed: {', '.join(SETTINGS)}.")
+    tree = OmegaConf.merge(OmegaConf.create(defaults()), from_file)
     tree.study = path.stem
     plain = OmegaConf.to_container(tree, resolve=True)
     for key, value in overrides:
@@ -285,90 +354,38 @@ def resolve_tree(overrides: list[tuple[str, Any]], default_study: str | None = N
     return plain
 
 
-def _expect(key: str, value: Any, kind: type | tuple, allowed: str, *, minimum: float | None = None):
-    if isinstance(value, bool) and kind is not bool:
-        raise SearchError(f"{key}={value!r}: expected {allowed}.")
-    if not isinstance(value, kind):
-        raise SearchError(f"{key}={value!r}: expected {allowed}.")
-    if minimum is not None and value < minimum:
-        raise SearchError(f"{key}={value!r}: expected {allowed}.")
-    return value
-
-
-def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        hint = difflib.get_close_matches(str(value), allowed, n=1)
-        raise SearchError(f"{key}={value!r}: unknown value" + (f" (did you mean '{hint[0]}'?)" if hint else "")
-                          + f"; allowed: {', '.join(allowed)}.")
-    return value
-
-
-def _check_known_values(space: tuple[ParamSpec, ...]) -> None:
-    for spec in space:
-        allowed = KNOWN_VALUES.get(spec.name)
-        if not allowed:
-            continue
-        values = spec.choices if spec.kind == "categorical" else (spec.value,)
-        for value in values:
-            _choice(f"space.{spec.name}", value, allowed)
+def _section(name: str, data: Any) -> Any:
+    """`sampler` or `pruner`: its name among the allowed ones, its other keys whole numbers."""
+    cls, check_name = SECTIONS[name]
+    if not isinstance(data, dict):
+        raise SearchError(f"{name}={data!r}: expected a name or a mapping of {name} settings.")
+    allowed = [f.name for f in fields(cls)]
+    for key, value in data.items():
+        if key not in allowed:
+            raise SearchError(f"{name}.{key}: unknown key; allowed: {', '.join(allowed)}.")
+        if key == "name":
+            check_name(name, value)
+        else:
+            whole(0 if key == "n_warmup_steps" else 1)(f"{name}.{key}", value)
+    return cls(**data)
 
 
 def build_config(tree: dict[str, Any]) -> StudyConfig:
     """Checks every value of a resolved tree; raises SearchError naming the key and what is allowed."""
-    model = _choice("model", tree["model"], MODEL_NAMES)
-    dataset = _choice("dataset", tree["dataset"], DATASET_NAMES)
-    device = tree["device"]
-    if not (isinstance(device, str) and (device in DEVICES or re.fullmatch(r"cuda:\d+", device))):
-        raise SearchError(f"device={device!r}: unknown device; allowed: auto, cpu, cuda, cuda:N.")
-    timeout = tree["timeout"]
-    if timeout is not None:
-        _expect("timeout", timeout, (int, float), "a number of seconds > 0, or null", minimum=1e-9)
-    val_size = tree["val_size"]
-    if val_size is not None:
-        _expect("val_size", val_size, int, "a whole number of validation images >= 1", minimum=1)
-    if tree["direction"] != "maximize":
-        raise SearchError(f"direction={tree['direction']!r}: studies maximise validation accuracy; "
-                          "allowed: maximize.")
-    sampler, pruner = tree["sampler"], tree["pruner"]
-    _choice("sampler", sampler.get("name"), SAMPLERS)
-    _choice("pruner", pruner.get("name"), PRUNERS)
-    for section, data, cls in (("sampler", sampler, SamplerConfig), ("pruner", pruner, PrunerConfig)):
-        allowed = asdict(cls())
-        for key, value in data.items():
-            if key not in allowed:
-                raise SearchError(f"{section}.{key}: unknown key; allowed: {', '.join(allowed)}.")
-            if key != "name":
-                _expect(f"{section}.{key}", value, int, "a whole number >= 1"
-                        if key != "n_warmup_steps" else "a whole number >= 0",
-                        minimum=0 if key == "n_warmup_steps" else 1)
-    if pruner.get("name") in ("hyperband", "successive_halving") and pruner.get("reduction_factor", 2) < 2:
-        raise SearchError(f"pruner.reduction_factor={pruner['reduction_factor']}: must be >= 2.")
-    epochs = _expect("epochs", tree["epochs"], int, "a whole number of epochs >= 1", minimum=1)
-    if pruner.get("min_resource", 1) > epochs:
-        raise SearchError(f"pruner.min_resource={pruner['min_resource']}: must not exceed epochs={epochs}.")
-    space = parse_space(tree["space"], TRAINER_PARAMS + MODEL_PARAMS[model])
-    _check_known_values(space)
+    values = {key: setting.check(key, tree[key]) for key, setting in SETTINGS.items()
+              if setting.check is not None}
+    sampler, pruner = _section("sampler", tree["sampler"]), _section("pruner", tree["pruner"])
+    if pruner.name in ("hyperband", "successive_halving") and pruner.reduction_factor < 2:
+        raise SearchError(f"pruner.reduction_factor={pruner.reduction_factor}: must be >= 2.")
+    if pruner.min_resource > values["epochs"]:
+        raise SearchError(f"pruner.min_resource={pruner.min_resource}: must not exceed "
+                          f"epochs={values['epochs']}.")
+    space = parse_space(tree["space"], values["model"])
     baselines, skipped = _check_baselines(tree["baselines"], space)
-    study_name = tree["study_name"] or tree["study"]
-    _expect("study_name", study_name, str, "a non-empty name")
-    storage = tree["storage"] or DEFAULT_STORAGE
-    _expect("storage", storage, str, "an Optuna storage URL such as sqlite:///path/to.db")
-    _expect("tracking_uri", tree["tracking_uri"], str, "an MLflow tracking URI or 'none'")
-    _expect("data_dir", tree["data_dir"], str, "a directory path")
-    return StudyConfig(
-        study=tree["study"], model=model, dataset=dataset, data_dir=tree["data_dir"],
-        val_size=val_size, epochs=epochs,
-        n_trials=_expect("n_trials", tree["n_trials"], int, "a whole number of trials >= 1", minimum=1),
-        timeout=float(timeout) if timeout is not None else None,
-        seed=_expect("seed", tree["seed"], int, "a whole number"),
-        device=device,
-        workers=_expect("workers", tree["workers"], int, "a whole number of processes >= 1", minimum=1),
-        direction="maximize", storage=storage, study_name=study_name,
-        tracking_uri=tree["tracking_uri"],
-        dry_run=_expect("dry_run", tree["dry_run"], bool, "true or false"),
-        sampler=SamplerConfig(**sampler), pruner=PrunerConfig(**pruner),
-        space=space, baselines=baselines, skipped_baselines=skipped, raw=tree,
-    )
+    values["study_name"] = values["study_name"] or tree["study"]
+    values["storage"] = values["storage"] or DEFAULT_STORAGE
+    return StudyConfig(study=tree["study"], **values, sampler=sampler, pruner=pruner, space=space,
+                       baselines=baselines, skipped_baselines=skipped, raw=tree)
 
 
 def _check_baselines(raw: Any, space: tuple[ParamSpec, ...]) -> tuple[tuple[dict, ...], tuple[str, ...]]:

@@ -37,6 +37,8 @@ __all__ = [
     "DatasetSpec",
     "FASHION_MNIST_SYSTEM_DIR",
     "ImageSet",
+    "SearchData",
+    "load_search_data",
     "load_split",
     "train_val_split",
 ]
@@ -71,46 +73,16 @@ class DatasetSpec:
     val_size: int
 
 
-DATASETS: dict[str, DatasetSpec] = {
-    # Per-pixel statistics of the 50k training images (the values airbench uses).
-    "cifar10": DatasetSpec(
-        name="cifar10",
-        channels=3,
-        image_size=32,
-        num_classes=10,
-        mean=(0.4914, 0.4822, 0.4465),
-        std=(0.2470, 0.2435, 0.2616),
-        val_size=5000,
-    ),
-    "cifar100": DatasetSpec(
-        name="cifar100",
-        channels=3,
-        image_size=32,
-        num_classes=100,
-        mean=(0.5071, 0.4865, 0.4409),
-        std=(0.2673, 0.2564, 0.2762),
-        val_size=5000,
-    ),
-    "fashion_mnist": DatasetSpec(
-        name="fashion_mnist",
-        channels=1,
-        image_size=28,
-        num_classes=10,
-        mean=(0.2860,),
-        std=(0.3530,),
-        val_size=5000,
-    ),
+_SPECS = (
+    # name, channels, image size, classes, per-channel mean and std, default validation size.
+    # CIFAR: per-pixel statistics of the 50k training images (the values airbench uses).
+    DatasetSpec("cifar10", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 5000),
+    DatasetSpec("cifar100", 3, 32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 5000),
+    DatasetSpec("fashion_mnist", 1, 28, 10, (0.2860,), (0.3530,), 5000),
     # Statistics measured on the generated training images (see `_make_fake`).
-    "fake": DatasetSpec(
-        name="fake",
-        channels=3,
-        image_size=32,
-        num_classes=10,
-        mean=(0.4604, 0.4824, 0.4957),
-        std=(0.1798, 0.1885, 0.1815),
-        val_size=256,
-    ),
-}
+    DatasetSpec("fake", 3, 32, 10, (0.4604, 0.4824, 0.4957), (0.1798, 0.1885, 0.1815), 256),
+)
+DATASETS: dict[str, DatasetSpec] = {spec.name: spec for spec in _SPECS}
 
 
 @dataclass(frozen=True)
@@ -229,6 +201,25 @@ def train_val_split(data: ImageSet, *, val_size: int, seed: int) -> tuple[ImageS
     val_index = permutation[:val_size].sort().values
     train_index = permutation[val_size:].sort().values
     return _subset(data, train_index), _subset(data, val_index)
+
+
+@dataclass(frozen=True)
+class SearchData:
+    """The splits a search uses: train and validation only; the test set is never loaded here."""
+
+    spec: DatasetSpec
+    train: ImageSet
+    val: ImageSet
+
+
+def load_search_data(name: str, data_dir: str | Path, *, val_size: int | None,
+                     seed: int) -> SearchData:
+    """The training split of a data set, cut into train and validation with the study seed
+    (`val_size` None: the data set's default)."""
+    spec = DATASETS[name]
+    full = load_split(name, data_dir, train=True)
+    train, val = train_val_split(full, val_size=val_size or spec.val_size, seed=seed)
+    return SearchData(spec=spec, train=train, val=val)
 
 
 def _subset(data: ImageSet, index: torch.Tensor) -> ImageSet:

@@ -13,11 +13,9 @@ from torch import nn
 from search.data import DatasetSpec
 from search.errors import SearchError
 from search.models import build_model, count_parameters
+from search.params import PARAMS, trainer_settings
 from search.space import ParamSpec
 from search.trainer import build_optimizer
-
-# Larger values of these make a model bigger (more memory, more compute per image).
-SIZE_PARAMS = ("width", "hidden", "kernel_size", "stem_kernel_size", "width_multiplier", "batch_size")
 
 
 def extreme_params(space: Sequence[ParamSpec], largest: bool) -> dict[str, Any]:
@@ -26,7 +24,7 @@ def extreme_params(space: Sequence[ParamSpec], largest: bool) -> dict[str, Any]:
     for spec in space:
         if not spec.is_active(params):
             continue
-        sized = spec.name.startswith(SIZE_PARAMS)
+        sized = PARAMS[spec.name].grows_model
         if spec.kind == "fixed":
             params[spec.name] = spec.value
         elif spec.kind == "categorical":
@@ -47,7 +45,7 @@ def extreme_params(space: Sequence[ParamSpec], largest: bool) -> dict[str, Any]:
 def check_model(model_name: str, params: dict[str, Any], spec: DatasetSpec,
                 device: torch.device) -> dict[str, Any]:
     """One forward/backward/step at the space's batch size; returns what it measured."""
-    batch_size = int(params.get("batch_size", 128))
+    batch_size = trainer_settings(params)["batch_size"]
     try:
         model = build_model(model_name, params, in_channels=spec.channels,
                             image_size=spec.image_size, num_classes=spec.num_classes).to(device)

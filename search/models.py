@@ -26,9 +26,12 @@ import torch
 from torch import nn
 
 from search.errors import SearchError
+from search.params import MODELS as MODEL_PARAMS
+from search.params import model_settings
 
-MODELS: tuple[str, ...] = ("cnn3", "resnet20")
+MODELS: tuple[str, ...] = tuple(MODEL_PARAMS)
 
+# The modules behind `search.params.ACTIVATIONS`' names.
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
     "leaky_relu": nn.LeakyReLU,
@@ -36,57 +39,6 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "swish": nn.SiLU,  # the same function under its other common name
     "gelu": nn.GELU,
 }
-
-KERNEL_SIZES: tuple[int, ...] = (3, 5, 7)  # odd, so k // 2 padding keeps the size ("same")
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading and checking parameters
-# ---------------------------------------------------------------------------------------------
-
-
-def _int_param(params: Mapping[str, Any], key: str, default: int, *, minimum: int) -> int:
-    """An integer parameter, checked here so a bad space fails with a message, not a shape error."""
-    value = params.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
-        raise SearchError(f"model parameter {key!r} must be an integer, got {value!r}")
-    if int(value) < minimum:
-        raise SearchError(f"model parameter {key!r} must be >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _kernel_param(params: Mapping[str, Any], key: str) -> int:
-    """A conv kernel size; only odd sizes keep "same" padding exact."""
-    value = _int_param(params, key, 3, minimum=1)
-    if value not in KERNEL_SIZES:
-        raise SearchError(
-            f"model parameter {key!r} must be one of {list(KERNEL_SIZES)}, got {value!r}"
-        )
-    return value
-
-
-def _dropout_param(params: Mapping[str, Any], default: float) -> float:
-    """The dropout probability; 1.0 would zero every feature, so it is refused."""
-    value = params.get("dropout", default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
-        raise SearchError(f"model parameter 'dropout' must be a number in [0, 1), got {value!r}")
-    return float(value)
-
-
-def _activation(params: Mapping[str, Any]) -> Callable[[], nn.Module]:
-    """The activation's constructor, so each layer gets its own (stateless) module."""
-    name = params.get("activation", "relu")
-    if name not in ACTIVATIONS:
-        raise SearchError(f"unknown activation {name!r}; allowed: {', '.join(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
-
-
-def _bool_param(params: Mapping[str, Any], key: str, default: bool) -> bool:
-    """A flag; strings like "false" are refused because ``bool("false")`` is True."""
-    value = params.get(key, default)
-    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
-        return bool(value)
-    raise SearchError(f"model parameter {key!r} must be true or false, got {value!r}")
 
 
 def _check_input(in_channels: int, image_size: int, num_classes: int) -> None:
@@ -182,21 +134,18 @@ def _build_cnn3(
     params: Mapping[str, Any], in_channels: int, image_size: int, num_classes: int
 ) -> Cnn3:
     """Reads cnn3's keys from ``params``; defaults give a 32/64/128-wide net with a 256 head."""
-    hidden_1 = _int_param(params, "hidden_1", 256, minimum=1)
-    hidden_2 = _int_param(params, "hidden_2", 0, minimum=0)  # 0 = no second hidden layer
+    p = model_settings("cnn3", params)
     return Cnn3(
         in_channels=in_channels,
         image_size=image_size,
         num_classes=num_classes,
-        kernel_sizes=tuple(_kernel_param(params, f"kernel_size_{i}") for i in (1, 2, 3)),
-        widths=tuple(
-            _int_param(params, f"width_{i}", default, minimum=1)
-            for i, default in ((1, 32), (2, 64), (3, 128))
-        ),
-        hidden=(hidden_1, hidden_2) if hidden_2 > 0 else (hidden_1,),
-        dropout=_dropout_param(params, 0.1),
-        batch_norm=_bool_param(params, "batch_norm", True),
-        activation=_activation(params),
+        kernel_sizes=tuple(p[f"kernel_size_{i}"] for i in (1, 2, 3)),
+        widths=tuple(p[f"width_{i}"] for i in (1, 2, 3)),
+        # hidden_2 = 0: no second hidden layer
+        hidden=(p["hidden_1"], p["hidden_2"]) if p["hidden_2"] > 0 else (p["hidden_1"],),
+        dropout=float(p["dropout"]),
+        batch_norm=p["batch_norm"],
+        activation=ACTIVATIONS[p["activation"]],
     )
 
 
@@ -329,18 +278,14 @@ def _build_resnet20(
 ) -> ResNet20:
     """Reads resnet20's keys from ``params``; defaults give the paper's network."""
     del image_size  # global pooling makes the network independent of the image size
-    multiplier = params.get("width_multiplier", 1)
-    if isinstance(multiplier, bool) or not isinstance(multiplier, int | float) or multiplier <= 0:
-        raise SearchError(
-            f"model parameter 'width_multiplier' must be a positive number, got {multiplier!r}"
-        )
+    p = model_settings("resnet20", params)
     return ResNet20(
         in_channels=in_channels,
         num_classes=num_classes,
-        width_multiplier=float(multiplier),
-        stem_kernel_size=_kernel_param(params, "stem_kernel_size"),
-        dropout=_dropout_param(params, 0.0),
-        activation=_activation(params),
+        width_multiplier=float(p["width_multiplier"]),
+        stem_kernel_size=p["stem_kernel_size"],
+        dropout=float(p["dropout"]),
+        activation=ACTIVATIONS[p["activation"]],
     )
 
 
@@ -383,8 +328,7 @@ def build_model(
         >>> count_parameters(model)
         272474
     """
-    if name not in _BUILDERS:
-        raise SearchError(f"unknown model {name!r}; allowed: {', '.join(MODELS)}")
+    model_settings(name, {})  # an unknown name fails here, listing the models
     _check_input(in_channels, image_size, num_classes)
     return _BUILDERS[name](params, in_channels, image_size, num_classes)
 

@@ -6,20 +6,19 @@ plugs in as `TrialObserver`s, so this module imports neither mlflow nor optuna-d
 
 from __future__ import annotations
 
-import math
 import signal
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import optuna
 import torch
 
 from search.config import StudyConfig
-from search.data import DATASETS, DatasetSpec, ImageSet, load_split, train_val_split
+from search.data import SearchData
+from search.records import EpochMetrics, best_of, trial_seed
 from search.space import suggest
-from search.trainer import EpochMetrics, TrainingDiverged, train
+from search.trainer import TrainingDiverged, train
 
 
 class TrialFailed(Exception):
@@ -36,15 +35,6 @@ class TrialObserver(Protocol):
     def trial_finished(self, trial: optuna.Trial, state: optuna.trial.TrialState,
                        params: dict[str, Any], attrs: dict[str, Any],
                        history: list[EpochMetrics]) -> None: ...
-
-
-@dataclass(frozen=True)
-class SearchData:
-    """The splits a search uses: train and validation only; the test set is never loaded here."""
-
-    spec: DatasetSpec
-    train: ImageSet
-    val: ImageSet
 
 
 class StopSignal:
@@ -79,11 +69,6 @@ class StopSignal:
     def check(self, *_: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
-
-
-def trial_seed(study_seed: int, trial_number: int) -> int:
-    """Each trial gets its own reproducible seed from the study seed and its number."""
-    return study_seed * 100_003 + trial_number
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -179,9 +164,8 @@ def _summary(history: list[EpochMetrics], parameter_count: int | None, seconds: 
     attrs: dict[str, Any] = {"epochs_run": len(history), "train_seconds": round(seconds, 3)}
     if parameter_count is not None:
         attrs["parameter_count"] = parameter_count
-    scored = [m for m in history if m.val_accuracy is not None and math.isfinite(m.val_accuracy)]
-    if scored:
-        best = max(scored, key=lambda m: m.val_accuracy)
+    best = best_of(history)
+    if best is not None:
         attrs["best_epoch"] = best.epoch
         attrs["best_val_accuracy"] = best.val_accuracy
     if history:
@@ -193,12 +177,3 @@ def _summary(history: list[EpochMetrics], parameter_count: int | None, seconds: 
 def _record(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
     for key, value in attrs.items():
         trial.set_user_attr(key, value)
-
-
-def load_search_data(config: StudyConfig) -> SearchData:
-    """The training split of the dataset, cut into train and validation with the study seed."""
-    spec = DATASETS[config.dataset]
-    full = load_split(config.dataset, config.data_dir, train=True)
-    train_set, val_set = train_val_split(full, val_size=config.val_size or spec.val_size,
-                                         seed=config.seed)
-    return SearchData(spec=spec, train=train_set, val=val_set)

@@ -4,25 +4,13 @@ a terminal, and one plain line per trial everywhere (CI logs, files, `nohup`).""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
-from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
-KEY_PARAMS = ("optimizer", "lr", "batch_size", "weight_decay")
-
-
-def format_params(params: dict[str, Any], keys: Iterable[str] = KEY_PARAMS, limit: int = 6) -> str:
-    """The params a person scans first (optimizer, lr, batch size), then the rest, briefly."""
-    ordered = [k for k in keys if k in params] + [k for k in params if k not in keys]
-    shown = [f"{k}={_short(params[k])}" for k in ordered[:limit]]
-    return " ".join(shown) + (" ..." if len(ordered) > limit else "")
-
-
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+from search.params import format_params
+from search.study import FINISHED, count_finished
 
 
 def describe_trial(trial: FrozenTrial) -> str:
@@ -53,7 +41,7 @@ class Progress:
             print(message, file=sys.stdout, flush=True)
         else:
             self.bar.write(message)
-        if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        if trial.state in FINISHED:
             self.bar.update(1)
         best = _best_value(study)
         if best is not None:
@@ -68,3 +56,18 @@ def _best_value(study: optuna.Study) -> float | None:
         return study.best_value
     except ValueError:  # no complete trial yet
         return None
+
+
+class TrialLines:
+    """An Optuna callback for `workers=N`: one line per trial, prefixed with the worker, with
+    the study's finished count (one progress bar per process would garble the terminal)."""
+
+    def __init__(self, index: int, n_trials: int) -> None:
+        self.index, self.n_trials = index, n_trials
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        print(f"[worker {self.index}] {describe_trial(trial)}  ({count_finished(study)}/"
+              f"{self.n_trials} finished)", flush=True)
+
+    def close(self) -> None:
+        pass

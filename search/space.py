@@ -15,13 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial
 
 from search.errors import SearchError
+from search.params import ALIASES, PARAMS, Param, known_params
 
 KINDS = ("float", "int", "categorical")
-# Names people write for our parameters, so the error can point to the right one.
-ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "bs": "batch_size", "opt": "optimizer",
-           "kernel_size": "kernel_size_1", "width": "width_1", "drop": "dropout"}
 _FIELDS = {
     "float": {"type", "low", "high", "log", "step", "when"},
     "int": {"type", "low", "high", "log", "step", "when"},
@@ -157,20 +156,55 @@ def _parse_when(name: str, when: Any, earlier: Sequence[str]) -> tuple[tuple[str
     return tuple(parsed)
 
 
-def parse_space(raw: Mapping[str, Any], allowed: Sequence[str]) -> tuple[ParamSpec, ...]:
-    """Validates a whole space; `allowed` is the vocabulary the model and trainer understand."""
+def parse_space(raw: Mapping[str, Any], model: str) -> tuple[ParamSpec, ...]:
+    """Validates a whole space against the parameters `model` and the trainer understand
+    (`search.params`): names, ranges inside each parameter's valid values, conditions."""
     if not isinstance(raw, Mapping) or not raw:
         raise SearchError("space: the study needs a non-empty 'space' mapping of parameters.")
+    allowed = known_params(model)
     specs: list[ParamSpec] = []
     for name, entry in raw.items():
         if name not in allowed:
-            hint = [ALIASES[name]] if name in ALIASES else difflib.get_close_matches(str(name), allowed, n=1)
+            hint = ([ALIASES[name]] if name in ALIASES
+                    else difflib.get_close_matches(str(name), allowed, n=1))
             raise SearchError(
                 f"space.{name}: unknown parameter"
                 + (f" (did you mean '{hint[0]}'?)" if hint else "")
-                + f". The model and trainer understand: {', '.join(sorted(allowed))}.")
-        specs.append(parse_param(str(name), entry, [s.name for s in specs]))
+                + f". The {model} model and the trainer understand: {', '.join(sorted(allowed))}.")
+        spec = parse_param(str(name), entry, [s.name for s in specs])
+        _check_values(spec, PARAMS[spec.name])
+        for parent, values in spec.when:
+            for value in values:
+                if PARAMS[parent].problem(value):
+                    raise _fail(spec.name, f"'when' needs {parent} to be {value!r}, which it never "
+                                           f"is: {parent} is {PARAMS[parent].valid()}.")
+        specs.append(spec)
     return tuple(specs)
+
+
+def _check_values(spec: ParamSpec, param: Param) -> None:
+    """Every value the entry can produce must be one the parameter accepts."""
+    if spec.kind == "fixed":
+        values = [spec.value]
+    elif spec.kind == "categorical":
+        values = list(spec.choices)
+    elif param.kind in ("bool",) or (param.kind == "choice" and spec.kind == "float"):
+        raise _fail(spec.name, f"a {spec.kind} range cannot give {param.valid()}; write "
+                               "{type: categorical, choices: [...]}.")
+    elif param.kind == "int" and spec.kind == "float":
+        raise _fail(spec.name, f"{spec.name} is {param.valid()}: use type: int or categorical.")
+    elif param.kind == "choice":  # an int range over allowed sizes, e.g. 3..7 step 2
+        values = range(spec.low, spec.high + 1, spec.step or 1)
+    else:
+        values = [spec.low, spec.high]
+    if isinstance(values, range) and len(values) > len(param.choices):
+        raise _fail(spec.name, f"the range {spec.low}..{spec.high} gives values that are not "
+                               f"{param.valid()}; list them: {{type: categorical, choices: [...]}}.")
+    for value in values:
+        problem = param.problem(value)
+        if problem:
+            raise _fail(spec.name, f"{value!r} is out of range: {spec.name} {problem} "
+                                   f"({param.help}).")
 
 
 def suggest(trial: optuna.Trial, space: Sequence[ParamSpec]) -> dict[str, Any]:
@@ -222,3 +256,19 @@ def searched_params(baseline: Mapping[str, Any], space: Sequence[ParamSpec]) -> 
     """The part of a baseline that Optuna must be told (fixed values are not Optuna params)."""
     fixed = {spec.name for spec in space if spec.kind == "fixed"}
     return {k: v for k, v in baseline.items() if k not in fixed}
+
+
+def trial_params(trial: FrozenTrial, space: Sequence[ParamSpec]) -> dict[str, Any]:
+    """The full parameter dict a finished trial trained with, fixed values and conditionals
+    included: the space replayed on the trial's own values, as the objective did.
+
+    Falls back to the stored params plus the recorded fixed values when the trial does not fit
+    the space (a study run under an older space).
+    """
+    try:
+        return suggest(optuna.trial.FixedTrial(dict(trial.params), trial.number), space)
+    except ValueError:
+        params = {**trial.user_attrs.get("fixed_params", {}), **trial.params}
+        fixed = {spec.name: spec.value for spec in space
+                 if spec.kind == "fixed" and spec.is_active(params)}
+        return {**fixed, **params}

@@ -175,7 +175,7 @@ def open_study(config: StudyConfig) -> tuple[optuna.Study, bool]:
     storage = make_storage(config.storage)
     resumed = check_resume(config, storage)
     study = optuna.create_study(storage=storage, study_name=config.study_name,
-                                direction=config.direction, sampler=make_sampler(config),
+                                direction="maximize", sampler=make_sampler(config),
                                 pruner=make_pruner(config), load_if_exists=True)
     if not resumed:
         study.set_user_attr("fingerprint_source",

@@ -17,13 +17,15 @@ Everything goes through `MlflowClient` with explicit run ids and batched writes,
 fluent `mlflow.start_run` stack: that stack is per-process global state, wrong as soon as trials
 run in several threads or worker processes at once. This is the only module that imports mlflow.
 
-Example (what `search.run` does)::
+Example (what `search.session` does)::
 
     check_tracking(config.tracking_uri)          # SearchError before any trial if unreachable
-    tracker = MlflowTracker(config)              # finds or creates the experiment
-    objective = Objective(config, data, device, observers=[tracker])
+    study_run = StudyRun(config)                 # finds or creates the experiment
+    logger = TrialLogger(study_run)              # one run per trial of this process
+    objective = Objective(config, data, device, observers=[logger])
     study.optimize(objective, ...)
-    tracker.study_ended(study, interrupted=False)
+    logger.close()                               # prints the logging cost
+    study_run.end(study, interrupted=False)      # only the process that ends the study
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ from optuna.trial import TrialState
 
 from search.config import DEFAULT_TRACKING_URI, StudyConfig, to_yaml
 from search.errors import SearchError
+from search.records import EpochMetrics, FinalRun
 from search.study import write_ahead_log
-from search.trainer import EpochMetrics, resolve_device
+from search.trainer import resolve_device
 
 ROLE_TAG = "search.role"                  # "study" on the parent run, "trial" on child runs
 PARENT_TAG = "mlflow.parentRunId"         # what makes the MLflow UI nest a run under another
@@ -210,14 +213,17 @@ def _param_value(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
-# ---------------------------------------------------------------- the observer
+# ---------------------------------------------------------------- the study's run
 
-class MlflowTracker:
-    """A `TrialObserver` logging each trial as a nested MLflow run (see the module docstring).
+class StudyRun:
+    """The study's MLflow experiment and its parent run, as one process sees them.
+
+    Every process of a study (the main one, each worker) has one, to nest its trial runs under
+    the parent; only the process that ends the study calls `end`, which closes the parent run.
 
     Logging must never cost a study its trials: once the tracking URI was checked, a failing call
-    prints one warning and turns logging off for the rest of the run. Time spent in this observer
-    is measured (`seconds`, `trials`) and printed at the end of the run.
+    (here or in a `TrialLogger` sharing this object) prints one warning and turns logging off for
+    the rest of the process. Time spent logging is added up in `seconds`.
 
     Args:
         config: the study's config; `tracking_uri` must be enabled and reachable
@@ -225,7 +231,8 @@ class MlflowTracker:
         client: an `MlflowClient` to use instead of one built from `config.tracking_uri`.
 
     Raises:
-        SearchError: the study's experiment exists in the tracking store but is deleted.
+        SearchError: the study's experiment exists in the tracking store but is deleted, or the
+            store refuses to open it.
     """
 
     def __init__(self, config: StudyConfig, client: MlflowClient | None = None) -> None:
@@ -238,6 +245,7 @@ class MlflowTracker:
         self.config = config
         self.client = client or MlflowClient(config.tracking_uri)
         self.enabled = True
+        self.seconds = 0.0
         try:
             self.experiment_id = self._experiment_id()
         except MlflowException as error:  # e.g. a server that refuses us (permissions)
@@ -245,15 +253,22 @@ class MlflowTracker:
                               f"'{config.study_name}' ({_reason(error)}). Add tracking_uri=none "
                               "to run without MLflow logging.") from None
         self.parent_run_id: str | None = None
-        self.device = str(resolve_device(config.device))
         self.commit = git_commit()
         self.setup_seconds = time.perf_counter() - started
-        self.seconds = 0.0    # spent inside trial_started / epoch_ended / trial_finished
-        self.trials = 0
-        self._runs: dict[int, str] = {}   # trial number -> run id (threads may share a tracker)
         self._lock = threading.Lock()
 
-    # -- experiment and parent run
+    @contextlib.contextmanager
+    def guard(self, what: str) -> Iterator[None]:
+        """Times a logging step and keeps a failing tracking store from failing the study."""
+        started = time.perf_counter()
+        try:
+            yield
+        except Exception as error:  # noqa: BLE001 - any logging failure: warn, log no more
+            self.enabled = False
+            print(f"warning: MLflow logging failed while {what} ({_reason(error)}); MLflow "
+                  "logging is off for the rest of this run, the study goes on.", file=sys.stderr)
+        finally:
+            self.seconds += time.perf_counter() - started
 
     def _experiment_id(self) -> str:
         name = self.config.study_name
@@ -276,7 +291,7 @@ class MlflowTracker:
                 "add tracking_uri=none.")
         return experiment.experiment_id
 
-    def _parent_for(self, study: optuna.Study) -> str:
+    def parent_for(self, study: optuna.Study) -> str:
         """The study's parent run: linked from the study, else found by tags, else created.
 
         Two workers starting a new study at once may both create one; each then keeps the
@@ -333,8 +348,8 @@ class MlflowTracker:
                                      tags=tags)
         mine = run.info.run_id
         params = {"model": config.model, "dataset": config.dataset, "epochs": config.epochs,
-                  "seed": config.seed, "direction": config.direction,
-                  "sampler": config.sampler.name, "pruner": config.pruner.name}
+                  "seed": config.seed, "sampler": config.sampler.name,
+                  "pruner": config.pruner.name}
         self.client.log_batch(mine, params=[Param(k, _param_value(v)) for k, v in params.items()])
         candidates = self._parent_candidates(study)
         winner = candidates[0].info.run_id if candidates else mine
@@ -343,39 +358,89 @@ class MlflowTracker:
         study.set_user_attr(PARENT_RUN_ATTR, winner)
         return winner
 
-    # -- the TrialObserver protocol
+    def log_best(self, number: int, value: float, params: dict[str, Any], run_id: str,
+                 step: int) -> None:
+        tags = [RunTag("best_trial", str(number)), RunTag("best_run_id", run_id or ""),
+                RunTag("best_params", json.dumps(params, sort_keys=True, default=str)[:5000])]
+        self.client.log_batch(self.parent_run_id, tags=tags,
+                              metrics=[Metric("best_val_accuracy", float(value), _now_ms(), step)])
 
-    @contextlib.contextmanager
-    def _logging(self, what: str) -> Iterator[None]:
-        """Times a logging step and keeps a failing tracking store from failing the study."""
-        started = time.perf_counter()
-        try:
-            yield
-        except Exception as error:  # noqa: BLE001 - any logging failure: warn, log no more
-            self.enabled = False
-            print(f"warning: MLflow logging failed while {what} ({_reason(error)}); MLflow "
-                  "logging is off for the rest of this run, the study goes on.", file=sys.stderr)
-        finally:
-            self.seconds += time.perf_counter() - started
-
-    def trial_started(self, trial: optuna.Trial, params: dict[str, Any]) -> None:
+    def end(self, study: optuna.Study, interrupted: bool) -> None:
+        """Closes the parent run (KILLED on Ctrl-C), marks child runs of trials that died with
+        their worker, and records trial counts and the final best."""
         if not self.enabled:
             return
+        with self.guard("closing the study's run"):
+            parent = self.parent_run_id
+            if parent is None:  # no trial ran in this process: close the linked run, if any
+                linked = self._active_run(study.user_attrs.get(PARENT_RUN_ATTR))
+                if linked is None:
+                    return
+                parent = self.parent_run_id = linked.info.run_id
+            trials = study.get_trials(deepcopy=False)
+            self._close_orphans(parent, {t.number: t for t in trials})
+            counts = {s: sum(t.state == s for t in trials) for s in TrialState}
+            tags = [RunTag(f"n_{s.name.lower()}", str(n)) for s, n in counts.items()
+                    if s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
+            self.client.log_batch(parent, tags=tags)
+            complete = [t for t in trials if t.state == TrialState.COMPLETE]
+            if complete:
+                best = max(complete, key=lambda t: t.value)
+                self.log_best(best.number, best.value, best.params,
+                              best.user_attrs.get(RUN_ID_ATTR, ""), step=trials[-1].number)
+            self.client.set_terminated(parent, "KILLED" if interrupted else "FINISHED")
+
+    def _close_orphans(self, parent: str, trials: dict[int, optuna.trial.FrozenTrial]) -> None:
+        """Child runs left RUNNING by a worker that was killed (SIGKILL, lost machine): Optuna's
+        heartbeat has marked their trials FAIL, so the runs follow."""
+        stale = self.client.search_runs(
+            [self.experiment_id], max_results=1000,
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent}' and attributes.status = 'RUNNING'")
+        for run in stale:
+            number = run.data.tags.get("trial_number")
+            trial = trials.get(int(number)) if number and number.isdigit() else None
+            if trial is None or trial.state in (TrialState.RUNNING, TrialState.WAITING):
+                continue
+            tags = [RunTag("state", trial.state.name)]
+            if trial.state == TrialState.FAIL:
+                reason = trial.user_attrs.get("fail_reason", "the worker running it stopped")
+                tags.append(RunTag("fail_reason", str(reason)[:5000]))
+            self.client.log_batch(run.info.run_id, tags=tags)
+            self.client.set_terminated(run.info.run_id, RUN_STATUS.get(trial.state, "FAILED"))
+
+
+# ---------------------------------------------------------------- one run per trial
+
+class TrialLogger:
+    """A `TrialObserver` logging each trial of this process as a run nested under the study's
+    parent run (see the module docstring); `close` prints what the logging cost."""
+
+    def __init__(self, study_run: StudyRun) -> None:
+        self.study_run = study_run
+        self.client = study_run.client
+        self.config = study_run.config
+        self.device = str(resolve_device(self.config.device))
+        self.trials = 0
+        self._runs: dict[int, str] = {}   # trial number -> run id (threads may share a logger)
+
+    def trial_started(self, trial: optuna.Trial, params: dict[str, Any]) -> None:
+        if not self.study_run.enabled:
+            return
         self.trials += 1
-        with self._logging(f"starting trial {trial.number}"):
-            parent = self._parent_for(trial.study)
+        with self.study_run.guard(f"starting trial {trial.number}"):
+            parent = self.study_run.parent_for(trial.study)
             tags = {PARENT_TAG: parent, ROLE_TAG: "trial", "study_name": trial.study.study_name,
                     "trial_number": str(trial.number), "state": "RUNNING",
                     "device": self.device, "torch_version": torch.__version__,
                     "mlflow.source.name": "search.run"}
-            if self.commit:
-                tags[GIT_COMMIT_TAG] = self.commit
+            if self.study_run.commit:
+                tags[GIT_COMMIT_TAG] = self.study_run.commit
             baseline = trial.user_attrs.get("baseline")
             if baseline is not None:
                 tags["baseline"] = str(baseline)
             start = int(trial.datetime_start.timestamp() * 1000) if trial.datetime_start else None
-            run = self.client.create_run(self.experiment_id, start_time=start, tags=tags,
-                                         run_name=f"trial-{trial.number:04d}")
+            run = self.client.create_run(self.study_run.experiment_id, start_time=start,
+                                         tags=tags, run_name=f"trial-{trial.number:04d}")
             run_id = run.info.run_id
             self._runs[trial.number] = run_id
             trial.set_user_attr(RUN_ID_ATTR, run_id)
@@ -386,9 +451,9 @@ class MlflowTracker:
 
     def epoch_ended(self, trial: optuna.Trial, metrics: EpochMetrics) -> None:
         run_id = self._runs.get(trial.number)
-        if not self.enabled or run_id is None:
+        if not self.study_run.enabled or run_id is None:
             return
-        with self._logging(f"logging epoch {metrics.epoch} of trial {trial.number}"):
+        with self.study_run.guard(f"logging epoch {metrics.epoch} of trial {trial.number}"):
             now = _now_ms()
             self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, metrics.epoch)
                                                    for k, v in metrics.as_dict().items()])
@@ -396,9 +461,9 @@ class MlflowTracker:
     def trial_finished(self, trial: optuna.Trial, state: TrialState, params: dict[str, Any],
                        attrs: dict[str, Any], history: list[EpochMetrics]) -> None:
         run_id = self._runs.pop(trial.number, None)
-        if not self.enabled or run_id is None:
+        if not self.study_run.enabled or run_id is None:
             return
-        with self._logging(f"finishing trial {trial.number}"):
+        with self.study_run.guard(f"finishing trial {trial.number}"):
             now, step = _now_ms(), len(history)
             metrics = [Metric(name, float(attrs[key]), now, step)
                        for key, name in FINAL_METRICS.items() if attrs.get(key) is not None]
@@ -421,67 +486,18 @@ class MlflowTracker:
         except ValueError:  # no complete trial yet
             best = None
         if best is None or value >= best.value:
-            self._log_best(trial.number, value, params, run_id, step=trial.number)
+            self.study_run.log_best(trial.number, value, params, run_id, step=trial.number)
         else:
-            self._log_best(best.number, best.value, best.params,
-                           best.user_attrs.get(RUN_ID_ATTR, ""), step=trial.number)
+            self.study_run.log_best(best.number, best.value, best.params,
+                                    best.user_attrs.get(RUN_ID_ATTR, ""), step=trial.number)
 
-    def _log_best(self, number: int, value: float, params: dict[str, Any], run_id: str,
-                  step: int) -> None:
-        tags = [RunTag("best_trial", str(number)), RunTag("best_run_id", run_id or ""),
-                RunTag("best_params", json.dumps(params, sort_keys=True, default=str)[:5000])]
-        self.client.log_batch(self.parent_run_id, tags=tags,
-                              metrics=[Metric("best_val_accuracy", float(value), _now_ms(), step)])
-
-    # -- the end of a run
-
-    def study_ended(self, study: optuna.Study, interrupted: bool) -> None:
-        """Closes the parent run (KILLED on Ctrl-C), marks child runs of trials that died with
-        their worker, records trial counts and the final best, and prints the logging cost."""
-        if not self.enabled:
-            return
-        with self._logging("closing the study's run"):
-            parent = self.parent_run_id
-            if parent is None:  # no trial ran in this process: close the linked run, if any
-                linked = self._active_run(study.user_attrs.get(PARENT_RUN_ATTR))
-                if linked is None:
-                    return
-                parent = self.parent_run_id = linked.info.run_id
-            trials = study.get_trials(deepcopy=False)
-            self._close_orphans(parent, {t.number: t for t in trials})
-            counts = {s: sum(t.state == s for t in trials) for s in TrialState}
-            tags = [RunTag(f"n_{s.name.lower()}", str(n)) for s, n in counts.items()
-                    if s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
-            self.client.log_batch(parent, tags=tags)
-            complete = [t for t in trials if t.state == TrialState.COMPLETE]
-            if complete:
-                best = max(complete, key=lambda t: t.value)
-                self._log_best(best.number, best.value, best.params,
-                               best.user_attrs.get(RUN_ID_ATTR, ""), step=trials[-1].number)
-            self.client.set_terminated(parent, "KILLED" if interrupted else "FINISHED")
+    def close(self) -> None:
+        """Prints what logging this process's trials cost."""
         if self.trials:
             print(f"MLflow: {self.trials} trial run(s) logged to experiment "
                   f"'{self.config.study_name}' in {self.config.tracking_uri}; logging took "
-                  f"{self.seconds / self.trials * 1000:.0f} ms per trial "
-                  f"(+{self.setup_seconds:.1f} s once to connect).", flush=True)
-
-    def _close_orphans(self, parent: str, trials: dict[int, optuna.trial.FrozenTrial]) -> None:
-        """Child runs left RUNNING by a worker that was killed (SIGKILL, lost machine): Optuna's
-        heartbeat has marked their trials FAIL, so the runs follow."""
-        stale = self.client.search_runs(
-            [self.experiment_id], max_results=1000,
-            filter_string=f"tags.`{PARENT_TAG}` = '{parent}' and attributes.status = 'RUNNING'")
-        for run in stale:
-            number = run.data.tags.get("trial_number")
-            trial = trials.get(int(number)) if number and number.isdigit() else None
-            if trial is None or trial.state in (TrialState.RUNNING, TrialState.WAITING):
-                continue
-            tags = [RunTag("state", trial.state.name)]
-            if trial.state == TrialState.FAIL:
-                reason = trial.user_attrs.get("fail_reason", "the worker running it stopped")
-                tags.append(RunTag("fail_reason", str(reason)[:5000]))
-            self.client.log_batch(run.info.run_id, tags=tags)
-            self.client.set_terminated(run.info.run_id, RUN_STATUS.get(trial.state, "FAILED"))
+                  f"{self.study_run.seconds / self.trials * 1000:.0f} ms per trial "
+                  f"(+{self.study_run.setup_seconds:.1f} s once to connect).", flush=True)
 
 
 # ---------------------------------------------------------------- final evaluations (the report)
@@ -493,15 +509,15 @@ def final_run_logger(config: StudyConfig, study: optuna.Study):
     search in the MLflow UI without being mistaken for trials.
 
     Returns:
-        A callable taking a `search.report.final.FinalRun`.
+        A callable taking a `search.records.FinalRun`.
     """
     check_tracking(config.tracking_uri)
-    tracker = MlflowTracker(config)  # finds or creates the study's experiment
-    client, experiment_id = tracker.client, tracker.experiment_id
+    study_run = StudyRun(config)  # finds or creates the study's experiment
+    client, experiment_id = study_run.client, study_run.experiment_id
     parent = study.user_attrs.get(PARENT_RUN_ATTR)
     commit = git_commit()
 
-    def log(run: Any) -> None:
+    def log(run: FinalRun) -> None:
         tags = {ROLE_TAG: "final_evaluation", "study_name": run.study_name,
                 "trial_number": str(run.trial_number), "label": run.label,
                 "repeat": str(run.repeat), "torch_version": torch.__version__,

@@ -18,7 +18,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,6 +28,8 @@ from search.augment import BatchLoader
 from search.data import DatasetSpec, ImageSet
 from search.errors import SearchError
 from search.models import build_model, count_parameters
+from search.params import optimizer_settings, trainer_settings
+from search.records import EpochMetrics, TrainResult
 
 EVAL_BATCH_SIZE = 1024
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
@@ -35,39 +37,6 @@ COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite: this configuration cannot train, other trials can."""
-
-
-@dataclass(frozen=True)
-class EpochMetrics:
-    epoch: int                       # 1-based: the number of epochs trained so far
-    train_loss: float
-    train_accuracy: float
-    val_loss: float | None
-    val_accuracy: float | None
-    lr: float
-    epoch_seconds: float
-    images_per_second: float
-
-    def as_dict(self) -> dict[str, float]:
-        return {k: v for k, v in self.__dict__.items() if v is not None and k != "epoch"}
-
-
-@dataclass
-class TrainResult:
-    model: nn.Module
-    history: list[EpochMetrics] = field(default_factory=list)
-    parameter_count: int = 0
-    stopped_early: bool = False
-
-    @property
-    def best_epoch(self) -> int | None:
-        scored = [m for m in self.history if m.val_accuracy is not None]
-        return max(scored, key=lambda m: m.val_accuracy).epoch if scored else None
-
-    @property
-    def best_val_accuracy(self) -> float | None:
-        scored = [m.val_accuracy for m in self.history if m.val_accuracy is not None]
-        return max(scored) if scored else None
 
 
 @functools.cache
@@ -156,37 +125,32 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_optimizer(model: nn.Module, params: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """The optimizer named in `params`, with its own conditional parameters when sampled.
+    """The optimizer named in `params`, with its own parameters (`search.params.OPTIMIZERS`).
 
     Weight decay is applied to conv/linear weights only: decaying BN scales and biases
     only hurts, a standard trick in fast CIFAR training.
     """
-    name = params.get("optimizer", "sgd")
-    lr = float(params.get("lr", 0.01))
-    weight_decay = float(params.get("weight_decay", 0.0))
+    settings = trainer_settings(params)
+    name, args = optimizer_settings(params)
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": weight_decay},
+    groups = [{"params": decay, "weight_decay": settings["weight_decay"]},
               {"params": no_decay, "weight_decay": 0.0}]
     # One fused kernel per step instead of a loop over tensors: 3-10x faster steps on CPU,
     # and far fewer kernel launches on GPU. Same update rule, rounding may differ.
     fused = {"fused": True} if _fused_supported(model) else {}
+    lr = settings["lr"]
     if name == "sgd":
-        momentum = float(params.get("momentum", 0.9))
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum,
-                               nesterov=bool(params.get("nesterov", False)) and momentum > 0, **fused)
+        return torch.optim.SGD(groups, lr=lr, momentum=args["momentum"],
+                               nesterov=args["nesterov"] and args["momentum"] > 0, **fused)
     if name in ("adam", "adamw"):
-        betas = (float(params.get("beta1", 0.9)), float(params.get("beta2", 0.999)))
         cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-        return cls(groups, lr=lr, betas=betas, **fused)
+        return cls(groups, lr=lr, betas=(args["beta1"], args["beta2"]), **fused)
     if name == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=lr, alpha=float(params.get("alpha", 0.99)),
-                                   momentum=float(params.get("momentum", 0.0)))
-    if name == "adagrad":
-        # Adagrad's fused kernel exists on CPU only.
-        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-        return torch.optim.Adagrad(groups, lr=lr, **(fused if on_cpu else {}))
-    raise SearchError(f"optimizer={name!r}: unknown; allowed: sgd, adam, adamw, rmsprop, adagrad.")
+        return torch.optim.RMSprop(groups, lr=lr, alpha=args["alpha"], momentum=args["momentum"])
+    # Adagrad's fused kernel exists on CPU only.
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    return torch.optim.Adagrad(groups, lr=lr, **(fused if on_cpu else {}))
 
 
 def _fused_supported(model: nn.Module) -> bool:
@@ -198,18 +162,16 @@ def build_schedule(optimizer: torch.optim.Optimizer, params: Mapping[str, Any], 
                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-step schedules over the full epoch budget, so a pruned trial saw the same curve
     as the complete one would have up to that epoch."""
-    name = params.get("schedule", "none")
+    settings = trainer_settings(params)
     total = max(1, epochs * steps_per_epoch)
-    if name == "cosine":
+    if settings["schedule"] == "cosine":
         factor = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
-    elif name == "step":
-        gamma = float(params.get("gamma", 0.1))
-        every = max(1, int(params.get("step_size", max(1, epochs // 3)))) * steps_per_epoch
+    elif settings["schedule"] == "step":
+        gamma = settings["gamma"]
+        every = (settings["step_size"] or max(1, epochs // 3)) * steps_per_epoch
         factor = lambda step: gamma ** (step // every)  # noqa: E731
-    elif name == "none":
-        factor = lambda step: 1.0  # noqa: E731
     else:
-        raise SearchError(f"schedule={name!r}: unknown; allowed: none, cosine, step.")
+        factor = lambda step: 1.0  # noqa: E731
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -282,12 +244,13 @@ def train(model_name: str, params: Mapping[str, Any], *, train_data: ImageSet,
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
     torch.manual_seed(seed)
-    batch_size = int(params.get("batch_size", 128))
+    settings = trainer_settings(params)
+    batch_size = settings["batch_size"]
     model = build_model(model_name, params, in_channels=spec.channels,
                         image_size=spec.image_size, num_classes=spec.num_classes)
     model = model.to(device, memory_format=speed.memory_format)
     train_loader = make_loader(train_data, spec, device, batch_size=batch_size, train=True,
-                               seed=seed, augment=bool(params.get("augment", False)),
+                               seed=seed, augment=settings["augment"],
                                channels_last=speed.channels_last)
     val_loader = (make_loader(val_data, spec, device, batch_size=speed.eval_batch_size, train=False,
                               channels_last=speed.channels_last)
@@ -297,7 +260,7 @@ def train(model_name: str, params: Mapping[str, Any], *, train_data: ImageSet,
         model, mode=None if speed.compile == "default" else speed.compile)
     optimizer = build_optimizer(model, params)
     schedule = build_schedule(optimizer, params, epochs, len(train_loader))
-    criterion = nn.CrossEntropyLoss(label_smoothing=float(params.get("label_smoothing", 0.0)))
+    criterion = nn.CrossEntropyLoss(label_smoothing=settings["label_smoothing"])
     result = TrainResult(model=model, parameter_count=count_parameters(model))
 
     for epoch in range(1, epochs + 1):

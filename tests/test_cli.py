@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 
 from conftest import TINY, cli_env, load, run_cli
 
+pytestmark = pytest.mark.slow  # every test here runs the command in a subprocess
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 

@@ -16,8 +16,8 @@ from werkzeug.test import Client
 from search import dashboard
 from search.cli import main_guard
 from search.config import load_config
-from search.dashboard import DashboardArtifacts, artifact_dir, artifact_store, study_note
-from search.trainer import EpochMetrics
+from search.artifacts import DashboardArtifacts, artifact_dir, artifact_store, study_note
+from search.records import EpochMetrics
 
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
@@ -54,7 +54,7 @@ def small_study(tmp_path_factory):
             trial.report(metrics.val_accuracy, metrics.epoch)
         study.tell(trial, history[-1].val_accuracy if state == TrialState.COMPLETE else None,
                    state=state)
-    observer.study_ended(study, interrupted=False)  # the curves are drawn by then
+    observer.close()  # the curves are drawn by then
     return config, study
 
 

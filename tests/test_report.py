@@ -8,20 +8,16 @@ import csv
 import html.parser
 import io
 import json
-import os
 import re
-import subprocess
-import sys
-from contextlib import contextmanager, redirect_stdout
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import matplotlib.image
 import optuna
 import pytest
-import torch
 from optuna.trial import TrialState
-from threadpoolctl import threadpool_limits
 
+from conftest import SMALL_CNN, one_thread, run_cli
 from search.cli import main_guard
 from search.report import data as report_data
 from search.report import StudyReport, open_source, write_comparison
@@ -29,36 +25,14 @@ from search.report.__main__ import main as report_main
 from search.report.__main__ import split_studies
 from search.report.render import Table, format_cell, to_markdown
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # the shared study is made by the command, in a subprocess
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# A tiny cnn3 (8 channels, 3x3 kernels) so a trial takes about a second on a CPU, an aggressive
-# pruner so some trials are pruned, and a baseline that fits this space.
+# A tiny cnn3 so a trial takes about a second on a CPU, an aggressive pruner so some trials are
+# pruned, and a baseline that fits this space.
 TINY = ["dataset=fake", "epochs=2", "tracking_uri=none", "pruner=successive_halving",
-        "pruner.reduction_factor=2", "space.batch_size.choices=[128]", "space.hidden_1.choices=[16]",
-        "space.hidden_2.choices=[0]",
-        *[f"space.width_{i}.choices=[8]" for i in (1, 2, 3)],
-        *[f"space.kernel_size_{i}.choices=[3]" for i in (1, 2, 3)],
+        "pruner.reduction_factor=2", *SMALL_CNN,
         "baselines=[{optimizer: adam, lr: 0.001, beta1: 0.9, beta2: 0.999, schedule: none, "
         "augment: false, dropout: 0.1, activation: relu}]"]
-
-
-def _env() -> dict[str, str]:
-    # One thread: on a small shared machine, OpenMP threads spinning against other processes
-    # make a tiny model several times slower, not faster.
-    return {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true",
-            "OMP_NUM_THREADS": "1"}
-
-
-@contextmanager
-def _one_thread():
-    """In-process equivalent of OMP_NUM_THREADS=1 (torch and scikit-learn), restored after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(1):
-            yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class Built:
@@ -74,9 +48,7 @@ class Built:
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     tmp = tmp_path_factory.mktemp("report")
     storage = f"sqlite:///{tmp / 'optuna.db'}"
-    run = subprocess.run([sys.executable, "-m", "search.run", "study=cnn3", "n_trials=4",
-                          f"storage={storage}", *TINY],
-                         cwd=tmp, env=_env(), capture_output=True, text=True, timeout=180)
+    run = run_cli("search.run", "study=cnn3", "n_trials=4", f"storage={storage}", *TINY, cwd=tmp)
     assert run.returncode == 0, run.stderr
     study = optuna.load_study(study_name="cnn3", storage=storage)
     states = [t.state for t in study.trials]
@@ -91,7 +63,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
             user_attrs=attrs, intermediate_values={1: 0.1}))
     out = tmp / "reports"
     printed = io.StringIO()
-    with redirect_stdout(printed), _one_thread():
+    with redirect_stdout(printed), one_thread():
         code = main_guard(report_main, ["study=cnn3", f"storage={storage}", f"out={out}",
                                         "top_k=3", "retrain=top2", "seeds=2"])
     assert code == 0, printed.getvalue()

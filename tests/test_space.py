@@ -17,7 +17,7 @@ SPACE = parse_space({
     "beta1": {"type": "float", "low": 0.8, "high": 0.95, "when": {"optimizer": "adam"}},
     "batch_size": {"type": "int", "low": 32, "high": 256, "step": 32},
     "batch_norm": True,
-}, allowed=["optimizer", "lr", "momentum", "nesterov", "beta1", "batch_size", "batch_norm"])
+}, model="cnn3")
 
 
 def test_conditional_params_appear_only_for_their_parent_value():

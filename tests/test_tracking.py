@@ -7,71 +7,39 @@ FAILED/KILLED paths, the checks of the tracking URI, and that a failing store ne
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import optuna
 import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
 
-os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
-
-from mlflow import MlflowClient  # noqa: E402
-from optuna.trial import TrialState  # noqa: E402
-
-from search.cli import main_guard  # noqa: E402
-from search.config import load_config  # noqa: E402
-from search.dashboard import DashboardArtifacts  # noqa: E402
-from search.errors import SearchError  # noqa: E402
-from search.run import main as run_main  # noqa: E402
-from search.run import make_observers  # noqa: E402
-from search.tracking import (PARENT_RUN_ATTR, RUN_ID_ATTR, MlflowTracker,  # noqa: E402
-                             check_tracking)
-from search.trainer import EpochMetrics  # noqa: E402
+from conftest import SMALL_CNN, finish, free_port, start_cli
+from search.cli import main_guard
+from search.config import load_config
+from search.artifacts import DashboardArtifacts
+from search.errors import SearchError
+from search.records import EpochMetrics, FinalRun
+from search.run import main as run_main
+from search.session import make_observers
+from search.tracking import (PARENT_RUN_ATTR, RUN_ID_ATTR, StudyRun, TrialLogger,
+                             check_tracking, final_run_logger)
 
 # MLflow's own SQLAlchemy store warns about itself; nothing here to act on.
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
-ROOT = Path(__file__).resolve().parent.parent
 EPOCHS = 2
 # A cnn3 space whose trials take about a second on a CPU; random sampling with a fixed seed and
 # an aggressive pruner, so a few trials give both complete and pruned ones.
-TINY = [
-    "study=cnn3", "dataset=fake", "device=cpu", f"epochs={EPOCHS}", "sampler=random",
-    "pruner=successive_halving", "pruner.reduction_factor=2", "space.augment=false",
-    "space.width_1.choices=[8]", "space.width_2.choices=[8]", "space.width_3.choices=[8]",
-    "space.hidden_1.choices=[16]", "space.hidden_2.choices=[0]", "space.batch_size.choices=[128]",
-    "space.kernel_size_1.choices=[3]", "space.kernel_size_2.choices=[3]",
-    "space.kernel_size_3.choices=[3]",
-]
+TINY = ["study=cnn3", "dataset=fake", "device=cpu", f"epochs={EPOCHS}", "sampler=random",
+        "pruner=successive_halving", "pruner.reduction_factor=2", "space.augment=false",
+        *SMALL_CNN]
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)  # what n_trials counts
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
 
-def cli_env() -> dict[str, str]:
-    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1",
-               OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
-def start_cli(*args: str, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "search.run", *TINY, *args], cwd=cwd,
-                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-
-
-def finish(process: subprocess.Popen, timeout: float = 200) -> subprocess.CompletedProcess:
-    out, err = process.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
-
-
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return finish(start_cli(*args, cwd=cwd))
+def run_tiny(*args: str, cwd: Path):
+    return finish(start_cli("search.run", *TINY, *args, cwd=cwd))
 
 
 def in_process_cli(*args: str) -> int:
@@ -82,59 +50,6 @@ def in_process_cli(*args: str) -> int:
         return main_guard(run_main, list(args))
     finally:
         signal.signal(signal.SIGTERM, sigterm)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-# ---------------------------------------------------------------- a real mlflow server
-
-@pytest.fixture(scope="session")
-def _server_process(tmp_path_factory):
-    """Starts `mlflow server` without waiting, so it boots while the first tests run."""
-    folder = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log = open(folder / "server.log", "w")
-    # Job execution (a second process) is not needed to log runs; off, the server starts faster.
-    env = dict(cli_env(), MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-         f"sqlite:///{folder / 'x.db'}", "--default-artifact-root", str(folder / "art"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    yield process, f"http://127.0.0.1:{port}", folder / "server.log"
-    os.killpg(process.pid, signal.SIGTERM)  # the server and the uvicorn worker it started
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    log.close()
-
-
-@pytest.fixture(autouse=True)
-def _boot_server_early(_server_process):
-    """Every test of this module asks for the process, so the first one starts it."""
-
-
-@pytest.fixture(scope="session")
-def mlflow_server(_server_process) -> str:
-    """The server's URL once GET /health answers (up to 90 s on a busy machine)."""
-    process, url, log = _server_process
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"mlflow server exited with {process.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return url
-        except OSError:
-            time.sleep(0.25)
-    pytest.fail(f"mlflow server did not answer /health within 90 s:\n{log.read_text()}")
 
 
 # ---------------------------------------------------------------- reading back
@@ -203,7 +118,8 @@ def test_tracking_uri_that_is_a_directory_or_missing_folder_is_refused(tmp_path)
 
 def test_tracking_off_means_no_mlflow_observer(tmp_path):
     config = load_config([*TINY, "tracking_uri=none", f"storage=sqlite:///{tmp_path}/o.db"])
-    assert [type(o) for o in make_observers(config)] == [DashboardArtifacts]
+    study_run, observers = make_observers(config)
+    assert study_run is None and [type(o) for o in observers] == [DashboardArtifacts]
 
 
 def test_unreachable_server_stops_before_any_trial(tmp_path, capsys):
@@ -219,8 +135,9 @@ def test_unreachable_server_stops_before_any_trial(tmp_path, capsys):
 
 # ---------------------------------------------------------------- end to end
 
+@pytest.mark.slow
 def test_default_embedded_store_keeps_everything_under_mlruns(tmp_path):
-    result = run_cli("n_trials=2", cwd=tmp_path)
+    result = run_tiny("n_trials=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "MLflow: 2 trial run(s) logged" in result.stdout
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
@@ -239,6 +156,7 @@ def test_default_embedded_store_keeps_everything_under_mlruns(tmp_path):
     assert len(list((tmp_path / "mlruns" / "optuna-artifacts").iterdir())) == 4
 
 
+@pytest.mark.slow
 def test_two_workers_then_a_resume_log_every_trial_once(mlflow_server, tmp_path, capsys):
     storage = f"sqlite:///{tmp_path}/o.db"
     common = [f"storage={storage}", f"tracking_uri={mlflow_server}", "study_name=two-workers"]
@@ -246,7 +164,8 @@ def test_two_workers_then_a_resume_log_every_trial_once(mlflow_server, tmp_path,
     # each trial's run carries its own trial's number. (The Optuna schema is created first:
     # two processes creating one SQLite storage at once race in Optuna's own migrations.)
     optuna.storages.RDBStorage(storage).engine.dispose()
-    workers = [start_cli(*common, "n_trials=4", cwd=tmp_path) for _ in range(2)]
+    workers = [start_cli("search.run", *TINY, *common, "n_trials=4", cwd=tmp_path)
+               for _ in range(2)]
     for result in map(finish, workers):
         assert result.returncode == 0, result.stderr
         assert "View run" not in result.stdout  # MLflow's per-run URL lines are switched off
@@ -281,7 +200,8 @@ def test_failed_and_interrupted_trials_and_dead_workers(mlflow_server, tmp_path)
     config = load_config([*TINY, f"storage={storage}", f"tracking_uri={mlflow_server}",
                           "study_name=in-process"])
     study = optuna.create_study(storage=storage, study_name="in-process", direction="maximize")
-    tracker = MlflowTracker(config)
+    study_run = StudyRun(config)
+    tracker = TrialLogger(study_run)
     client = MlflowClient(mlflow_server)
 
     complete = study.ask()
@@ -306,7 +226,7 @@ def test_failed_and_interrupted_trials_and_dead_workers(mlflow_server, tmp_path)
     study.tell(orphan, state=TrialState.FAIL)
     assert client.get_run(orphan_run).info.status == "RUNNING"
 
-    tracker.study_ended(study, interrupted=True)
+    study_run.end(study, interrupted=True)
     run = client.get_run(diverged.user_attrs[RUN_ID_ATTR])
     assert run.info.status == "FAILED" and run.data.tags["state"] == "FAIL"
     assert run.data.tags["fail_reason"] == "diverged: training loss became nan"
@@ -316,12 +236,12 @@ def test_failed_and_interrupted_trials_and_dead_workers(mlflow_server, tmp_path)
     assert parent.info.status == "KILLED"  # Ctrl-C
     assert parent.data.metrics["best_val_accuracy"] == pytest.approx(0.6)
     assert parent.data.tags["n_fail"] == "2" and parent.data.tags["n_complete"] == "1"
-    assert tracker.trials == 3 and tracker.seconds > 0
+    assert tracker.trials == 3 and study_run.seconds > 0
 
     # A new process on the same study (a resume) finds the same parent and reopens it.
-    again = MlflowTracker(config)
+    again = StudyRun(config)
     trial = study.ask()
-    again.trial_started(trial, {"lr": 0.3})
+    TrialLogger(again).trial_started(trial, {"lr": 0.3})
     assert again.parent_run_id == parent.info.run_id
     assert client.get_run(parent.info.run_id).info.status == "RUNNING"
 
@@ -331,7 +251,8 @@ def test_a_failing_tracking_store_warns_and_never_fails_the_trial(mlflow_server,
     config = load_config([*TINY, f"storage={storage}", f"tracking_uri={mlflow_server}",
                           "study_name=store-fails"])
     study = optuna.create_study(storage=storage, study_name="store-fails", direction="maximize")
-    tracker = MlflowTracker(config)
+    study_run = StudyRun(config)
+    tracker = TrialLogger(study_run)
 
     def broken(*args, **kwargs):
         raise ConnectionError("server went away")
@@ -341,14 +262,11 @@ def test_a_failing_tracking_store_warns_and_never_fails_the_trial(mlflow_server,
     tracker.trial_started(trial, {"lr": 0.1})
     tracker.epoch_ended(trial, _metrics(1, 0.5))
     tracker.trial_finished(trial, TrialState.COMPLETE, {"lr": 0.1}, {}, [_metrics(1, 0.5)])
-    assert not tracker.enabled
+    assert not study_run.enabled
     assert "MLflow logging failed" in capsys.readouterr().err
 
 
 def test_final_evaluations_are_logged_under_the_study_parent(mlflow_server, tmp_path):
-    from search.report.final import FinalRun
-    from search.tracking import final_run_logger
-
     storage = f"sqlite:///{tmp_path}/o.db"
     config = load_config([*TINY, f"storage={storage}", f"tracking_uri={mlflow_server}",
                           "study_name=finals"])

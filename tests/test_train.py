@@ -4,8 +4,6 @@ trained again and gives the same validation accuracy, epoch by epoch; `full=true
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import optuna
 import pytest
@@ -14,27 +12,15 @@ from optuna.trial import TrialState
 
 from search.cli import main_guard
 from search.config import load_config
-from search.objective import Objective, load_search_data
-from search.report.source import open_source, retrain_command
+from conftest import SMALL_CNN, one_thread
+from search.data import load_search_data
+from search.objective import Objective
+from search.retrain import retrain_trial
+from search.source import open_source, retrain_command
 from search.study import open_study
 from search.train import main as train_main
-from search.train import retrain_trial
 
-TINY = ["dataset=fake", "epochs=2", "tracking_uri=none", "baselines=[]",
-        "space.batch_size.choices=[128]", "space.hidden_1.choices=[16]", "space.hidden_2.choices=[0]",
-        *[f"space.width_{i}.choices=[8]" for i in (1, 2, 3)],
-        *[f"space.kernel_size_{i}.choices=[3]" for i in (1, 2, 3)]]
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """One torch thread (restored after): faster for tiny models on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+TINY = ["dataset=fake", "epochs=2", "tracking_uri=none", "baselines=[]", *SMALL_CNN]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +29,9 @@ def storage(tmp_path_factory: pytest.TempPathFactory) -> str:
     url = f"sqlite:///{tmp_path_factory.mktemp('train') / 'optuna.db'}"
     config = load_config(["study=cnn3", f"storage={url}", *TINY])
     study, _ = open_study(config)
-    with _one_thread():
-        study.optimize(Objective(config, load_search_data(config), torch.device("cpu")), n_trials=1)
+    with one_thread():
+        data = load_search_data("fake", config.data_dir, val_size=None, seed=config.seed)
+        study.optimize(Objective(config, data, torch.device("cpu")), n_trials=1)
     assert study.trials[0].state == TrialState.COMPLETE
     return url
 
@@ -53,7 +40,7 @@ def test_retraining_a_trial_reproduces_its_validation_accuracy(storage: str) -> 
     source = open_source({"study": "cnn3", "storage": storage})
     trial = source.study.trials[0]
     lines: list[str] = []
-    with _one_thread():
+    with one_thread():
         outcome = retrain_trial(source, 0, seeds=1, log=lines.append)
     assert outcome.accuracies == (trial.value,)
     assert [m.val_accuracy for m in outcome.histories[0]] == [
@@ -62,7 +49,7 @@ def test_retraining_a_trial_reproduces_its_validation_accuracy(storage: str) -> 
 
 
 def test_full_true_trains_on_train_and_val_and_reports_test_accuracy(storage: str, capsys) -> None:
-    with _one_thread():
+    with one_thread():
         code = main_guard(train_main, ["study=cnn3", f"storage={storage}", "trial=0", "full=true",
                                        "seeds=2"])
     assert code == 0

@@ -13,12 +13,13 @@ from optuna.trial import TrialState
 
 from conftest import TINY, load, run_cli
 from search.config import load_config
-from search.objective import TrialFailed
-from search.workers import work
+from search.objective import StopSignal, TrialFailed
+from search.session import run_reserved
 
 
 def _run_threads(tmp_path: Path, n_trials: int, threads: int, objective) -> optuna.Study:
-    """`work` in several threads, each with its own Study object (as separate processes have)."""
+    """`run_reserved` in several threads, each with its own Study object (as separate processes
+    have)."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     config = load_config(["study=cnn3", "dataset=fake", f"storage={storage}", f"n_trials={n_trials}"])
     optuna.create_study(study_name=config.study_name, storage=storage, direction="maximize")
@@ -29,7 +30,7 @@ def _run_threads(tmp_path: Path, n_trials: int, threads: int, objective) -> optu
         try:
             study = optuna.load_study(study_name=config.study_name, storage=storage,
                                       sampler=optuna.samplers.RandomSampler(seed=index))
-            work(config, study, objective, index=index, since=since)
+            run_reserved(study, objective, config, stop=StopSignal(), callbacks=[], since=since)
         except BaseException as error:  # noqa: BLE001 - reported by the test below
             errors.append(error)
 

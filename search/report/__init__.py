@@ -1,9 +1,10 @@
 """The report generator: `python -m search.report study=cnn3` summarises a study.
 
 Data apart from drawing: `data` computes tables and curves from a study (pandas frames and
-NamedTuples), `figures` draws them, `final` retrains configurations and evaluates them on the
-test set, `render` writes Markdown and self-contained HTML, `compose` puts one study's report
-together, `compare` sets several studies side by side.
+NamedTuples), `figures` draws them, `final` presents the final evaluation on the test set (the
+retraining itself is `search.retrain`'s), `render` writes Markdown and self-contained HTML,
+`compose` puts one study's report together, `compare` sets several studies side by side.
+Nothing outside this package imports it.
 
 Example:
     >>> from search.report import ReportOptions, open_source, write_report
@@ -15,22 +16,14 @@ Example:
 
 from search.report.compare import comparison_table, write_comparison
 from search.report.compose import ReportOptions, StudyReport, write_report
-from search.report.final import FinalEvaluation, FinalResult, FinalRun, FinalRunHook, final_evaluation
-from search.report.source import StudySource, open_source, retrain_command, trial_params
+from search.source import StudySource, open_source
 
 __all__ = [
-    "FinalEvaluation",
-    "FinalResult",
-    "FinalRun",
-    "FinalRunHook",
     "ReportOptions",
     "StudyReport",
     "StudySource",
     "comparison_table",
-    "final_evaluation",
     "open_source",
-    "retrain_command",
-    "trial_params",
     "write_comparison",
     "write_report",
 ]

@@ -11,11 +11,12 @@ from typing import Any
 import optuna
 
 from search.cli import KEY_HELP, command_overrides, help_text, main_guard
+from search.config import whole
 from search.errors import SearchError
 from search.report.compare import write_comparison
 from search.report.compose import ReportOptions, write_report
-from search.report.final import FinalRunHook
-from search.report.source import LOCATION_KEYS, open_source
+from search.retrain import FinalRunHook
+from search.source import LOCATION_KEYS, open_source
 
 SUMMARY = ("Reads a study from its storage (finished, running or interrupted) and writes "
            "reports/<study_name>/: report.md, a self-contained report.html, trials.csv and the "
@@ -42,21 +43,15 @@ EXAMPLES = [
 ]
 
 
-def _positive_int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise SearchError(f"{key}={value!r}: expected a whole number >= 1.")
-    return value
-
-
 def parse_options(overrides: dict[str, Any]) -> ReportOptions:
     retrain = str(overrides.get("retrain", "none")).strip().lower()
     match = re.fullmatch(r"top(\d+)", retrain)
     if retrain != "none" and not (match and int(match.group(1)) >= 1):
         raise SearchError(f"retrain={overrides['retrain']!r}: expected none or topN with N >= 1 "
                           "(e.g. retrain=top3).")
-    return ReportOptions(top_k=_positive_int("top_k", overrides.get("top_k", 5)),
+    return ReportOptions(top_k=whole(1)("top_k", overrides.get("top_k", 5)),
                          retrain=int(match.group(1)) if match else 0,
-                         seeds=_positive_int("seeds", overrides.get("seeds", 3)),
+                         seeds=whole(1, 1000)("seeds", overrides.get("seeds", 3)),
                          out=Path(str(overrides.get("out", "reports"))))
 
 

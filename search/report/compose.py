@@ -15,8 +15,19 @@ from search.config import StudyConfig, to_yaml
 from search.data import DATASETS
 from search.errors import SearchError
 from search.report import data, figures, final
-from search.report.render import Block, Code, Heading, Image, Table, Text, to_html, to_markdown
-from search.report.source import StudySource, location_args, retrain_command
+from search.report.render import (
+    Block,
+    Code,
+    Heading,
+    Image,
+    Table,
+    Text,
+    format_seconds,
+    to_html,
+    to_markdown,
+)
+from search.retrain import FinalEvaluation, FinalRunHook, final_evaluation
+from search.source import StudySource, location_args, retrain_command
 from search.trainer import resolve_device
 
 # Slice plots and parallel coordinates show this many of the most important parameters.
@@ -38,7 +49,7 @@ class StudyReport(NamedTuple):
     config: StudyConfig
     summary: data.Summary
     best: FrozenTrial | None
-    evaluation: final.FinalEvaluation | None
+    evaluation: FinalEvaluation | None
     figures: tuple[str, ...]
 
     @property
@@ -48,12 +59,6 @@ class StudyReport(NamedTuple):
     @property
     def html(self) -> Path:
         return self.folder / "report.html"
-
-
-def _minutes(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 class _Figures:
@@ -91,8 +96,8 @@ def _summary_blocks(summary: data.Summary, config: StudyConfig) -> list[Block]:
         ("trials", f"{counts} ({summary.finished} finished of n_trials={config.n_trials})"),
         ("best", f"trial {summary.best_trial}: validation accuracy {summary.best_value:.4f}"
          if summary.best_value is not None else "no complete trial yet"),
-        ("wall time", f"{_minutes(summary.wall_seconds)} (first trial start to last trial end); "
-                      f"{_minutes(summary.compute_seconds)} of trial time in total"),
+        ("wall time", f"{format_seconds(summary.wall_seconds)} (first trial start to last trial end); "
+                      f"{format_seconds(summary.compute_seconds)} of trial time in total"),
         ("pruning", f"{summary.epochs_run} epochs trained by finished trials instead of "
                     f"{summary.epochs_without_pruning} without pruning "
                     f"({summary.finished} x {config.epochs}): {summary.epochs_saved:.0%} saved"),
@@ -107,7 +112,7 @@ def _summary_blocks(summary: data.Summary, config: StudyConfig) -> list[Block]:
             + ": the study is running or was interrupted; this report covers the trials "
             "recorded so far."))
     blocks += [Heading("Search space", 3),
-               Table(pd.DataFrame(summary.space, columns=["parameter", "values"]),
+               Table(pd.DataFrame(summary.space, columns=["parameter", "values", "meaning"]),
                      code_columns=("parameter",))]
     return blocks
 
@@ -152,7 +157,7 @@ def _figure_blocks(study, config: StudyConfig, drawer: _Figures) -> list[Block]:
         blocks.append(Text(
             f"**Cost to best:** the search was within {cost.tolerance:g} (one percentage point) "
             f"of its best validation accuracy ({cost.best:.4f}) after {cost.trials_needed} ended trials "
-            f"and {_minutes(cost.seconds_needed)} of wall time (trial {cost.reached_by})."))
+            f"and {format_seconds(cost.seconds_needed)} of wall time (trial {cost.reached_by})."))
         drawer.add(blocks, "cost_to_best.png",
                    "Cost to best: best validation accuracy so far against trials ended and "
                    "wall time; the band is within one percentage point of the best",
@@ -176,7 +181,7 @@ def _figure_blocks(study, config: StudyConfig, drawer: _Figures) -> list[Block]:
         drawer.add(blocks, "param_importances.png",
                    f"Parameter importances (fANOVA over the {summary_complete} complete trials; "
                    "parameters present in every complete trial; with few trials, a rough guide)",
-                   lambda: figures.draw_importances(importances))
+                   lambda: figures.draw_importances(study, importances, config.seed))
     else:
         blocks.append(Text(f"*Parameter importances: not computed ({importances.reason}).*"))
     important = data.important_params(study, importances, MOST_IMPORTANT)
@@ -220,25 +225,9 @@ def _final_entries(study, retrain: int) -> list[tuple[str, FrozenTrial]]:
     return entries
 
 
-def final_table(evaluation: final.FinalEvaluation) -> pd.DataFrame:
-    rows = []
-    for result in evaluation.results:
-        std = result.std
-        rows.append({
-            "configuration": result.label, "trial": result.trial_number,
-            "val_accuracy (search)": result.val_accuracy,
-            "test accuracy": f"{result.mean:.4f} ± {std:.4f}" if std is not None
-                             else f"{result.mean:.4f} (1 seed)",
-            "test_accuracy_mean": result.mean, "test_accuracy_std": std,
-            "per seed": ", ".join(f"{a:.4f}" for a in result.test_accuracies),
-            "seeds": len(result.test_accuracies), "train_seconds (mean)": result.train_seconds,
-        })
-    return pd.DataFrame(rows)
-
-
 def _final_blocks(study, config: StudyConfig, options: ReportOptions, drawer: _Figures,
-                  on_final_run: final.FinalRunHook | None,
-                  log: Callable[[str], None]) -> tuple[list[Block], final.FinalEvaluation | None]:
+                  on_final_run: FinalRunHook | None,
+                  log: Callable[[str], None]) -> tuple[list[Block], FinalEvaluation | None]:
     blocks: list[Block] = [Heading("Final evaluation on the test set")]
     if not options.retrain:
         return blocks + [Text("Not run (`retrain=none`). Add `retrain=top3` to retrain the three "
@@ -248,10 +237,10 @@ def _final_blocks(study, config: StudyConfig, options: ReportOptions, drawer: _F
         return blocks + [Text("Not run: no trial has completed yet.")], None
     log(f"final evaluation: {len(entries)} configurations x {options.seeds} seeds x "
         f"{config.epochs} epochs on {config.dataset}")
-    evaluation = final.final_evaluation(config, entries, seeds=options.seeds,
+    evaluation = final_evaluation(config, entries, seeds=options.seeds,
                                         device=resolve_device(config.device), on_run=on_final_run,
                                         log=log)
-    table = final_table(evaluation)
+    table = final.final_table(evaluation)
     table.to_csv(drawer.folder / "final.csv", index=False)
     blocks.append(Text(
         f"Each configuration was trained again on the whole training set ({evaluation.train_images} "
@@ -291,7 +280,7 @@ def _final_blocks(study, config: StudyConfig, options: ReportOptions, drawer: _F
 # ---------------------------------------------------------------- the whole report
 
 def write_report(source: StudySource, options: ReportOptions, *,
-                 on_final_run: final.FinalRunHook | None = None,
+                 on_final_run: FinalRunHook | None = None,
                  log: Callable[[str], None] = print) -> StudyReport:
     """Writes `<out>/<study_name>/` and returns what was written.
 

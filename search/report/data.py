@@ -16,7 +16,9 @@ import pandas as pd
 from optuna.trial import FrozenTrial, TrialState
 
 from search.config import StudyConfig
-from search.report.source import retrain_command, trial_params
+from search.params import PARAMS
+from search.source import retrain_command
+from search.space import trial_params
 from search.study import FINISHED
 
 # "Within 1% of the best": one percentage point of validation accuracy.
@@ -52,7 +54,7 @@ class Summary(NamedTuple):
     epochs: int
     sampler: str
     pruner: str
-    space: tuple[tuple[str, str], ...]          # (parameter, description)
+    space: tuple[tuple[str, str, str], ...]     # (parameter, values searched, meaning)
     counts: dict[str, int]                      # state name (lower case) -> trials
     best_value: float | None
     best_trial: int | None
@@ -107,7 +109,7 @@ def summarize(study: optuna.Study, config: StudyConfig) -> Summary:
     return Summary(
         study_name=study.study_name, model=config.model, dataset=config.dataset,
         epochs=config.epochs, sampler=describe_sampler(config), pruner=describe_pruner(config),
-        space=tuple((spec.name, spec.describe()) for spec in config.space),
+        space=tuple((spec.name, spec.describe(), PARAMS[spec.name].help) for spec in config.space),
         counts={k: v for k, v in counts.items() if v}, best_value=best.value if best else None,
         best_trial=best.number if best else None, wall_seconds=wall, compute_seconds=compute,
         epochs_run=sum(epochs_run(t) for t in finished),
@@ -132,7 +134,7 @@ def trials_frame(study: optuna.Study, config: StudyConfig) -> pd.DataFrame:
     frame["epochs_run"] = [epochs_run(t) for t in trials]
     frame["baseline"] = [is_baseline(t) for t in trials]
     frame["learning_curve"] = [json.dumps(_curve(t)[1]) for t in trials]
-    params = [trial_params(t, config) if t.params else {} for t in trials]
+    params = [trial_params(t, config.space) if t.params else {} for t in trials]
     names = [spec.name for spec in config.space] + sorted({k for p in params for k in p}
                                                           - {s.name for s in config.space})
     for name in names:
@@ -201,7 +203,7 @@ def params_table(trials: list[FrozenTrial], config: StudyConfig,
                  labels: list[str]) -> pd.DataFrame:
     """Parameters as rows, one column per trial (labelled), so a wide space stays readable;
     a parameter a trial did not use (an inactive conditional) is empty."""
-    params = [trial_params(t, config) for t in trials]
+    params = [trial_params(t, config.space) for t in trials]
     names = [spec.name for spec in config.space]
     names += sorted({k for p in params for k in p} - set(names))
     table = pd.DataFrame({label: [p.get(name) for name in names]

@@ -1,8 +1,8 @@
 """Drawing the report's figures. Each `draw_*` takes data computed in `data.py` / `final.py` (or,
 for Optuna's own plots, the study) and returns a matplotlib Figure; `save_png` writes one.
 
-Optuna's matplotlib visualisations draw the optimisation history, parallel coordinates, slices
-and the timeline; matplotlib draws what Optuna has no plot for (learning curves with pruned
+Optuna's matplotlib visualisations draw the optimisation history, parameter importances,
+parallel coordinates, slices and the timeline; matplotlib draws what Optuna has no plot for (learning curves with pruned
 trials marked, cost to best, accuracy per categorical value, confusion matrix, t-SNE).
 """
 
@@ -23,6 +23,7 @@ import optuna  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from search.report.data import CategoricalEffect, CostToBest, Importances, LearningCurve  # noqa: E402
+from search.report.render import time_unit  # noqa: E402
 
 STATE_COLOURS = {"complete": "tab:blue", "pruned": "tab:orange", "fail": "tab:red",
                  "running": "tab:gray"}
@@ -97,23 +98,13 @@ def draw_learning_curves(curves: Sequence[LearningCurve], epochs: int) -> Figure
     return figure
 
 
-def draw_importances(importances: Importances) -> Figure:
-    """Horizontal bars, most important on top."""
-    names = list(importances.values)[::-1]
-    figure, axes = plt.subplots(figsize=(7, 0.35 * len(names) + 1.2))
-    axes.barh(names, [importances.values[n] for n in names], color="tab:blue")
-    for y, name in enumerate(names):
-        axes.text(importances.values[name], y, f" {importances.values[name]:.2f}", va="center",
-                  fontsize="small")
-    axes.set(xlabel="fANOVA importance (share of validation-accuracy variance)",
-             title="Parameter importances", xlim=(0, max(importances.values.values()) * 1.15))
-    return figure
-
-
-def _time_unit(seconds: float) -> tuple[float, str]:
-    if seconds < 120:
-        return 1, "s"
-    return (60, "min") if seconds < 7200 else (3600, "h")
+def draw_importances(study: optuna.Study, importances: Importances, seed: int) -> Figure:
+    """Optuna's importance plot (fANOVA, the evaluator `data.param_importances` uses) over the
+    parameters that varied, most important on top."""
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=seed)
+    return _optuna_plot("plot_param_importances", study, (7, 0.35 * len(importances.values) + 1.5),
+                        evaluator=evaluator, params=list(importances.values),
+                        target_name="validation accuracy")
 
 
 def draw_cost_to_best(cost: CostToBest) -> Figure:
@@ -122,7 +113,7 @@ def draw_cost_to_best(cost: CostToBest) -> Figure:
     figure, (by_trials, by_time) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     counts = np.arange(1, len(cost.numbers) + 1)
     best = np.array([math.nan if v is None else v for v in cost.best_so_far])
-    scale, unit = _time_unit(max(cost.elapsed_seconds))
+    scale, unit = time_unit(max(cost.elapsed_seconds))
     elapsed = np.array(cost.elapsed_seconds) / scale
     for axes, x, reached, label in ((by_trials, counts, cost.trials_needed, "trials ended"),
                                     (by_time, elapsed, cost.seconds_needed / scale,

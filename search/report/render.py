@@ -27,10 +27,6 @@ class Text(NamedTuple):
     text: str
 
 
-class Bullets(NamedTuple):
-    items: tuple[str, ...]
-
-
 class Code(NamedTuple):
     text: str
 
@@ -46,7 +42,21 @@ class Image(NamedTuple):
     caption: str
 
 
-Block = Heading | Text | Bullets | Code | Table | Image
+Block = Heading | Text | Code | Table | Image
+
+
+def time_unit(seconds: float) -> tuple[float, str]:
+    """The unit a duration reads best in: seconds up to 2 minutes, minutes up to 2 hours, then
+    hours; returned as (seconds per unit, unit)."""
+    if seconds < 120:
+        return 1, "s"
+    return (60, "min") if seconds < 7200 else (3600, "h")
+
+
+def format_seconds(seconds: float) -> str:
+    """`95 s`, `12.5 min`, `3.2 h`."""
+    scale, unit = time_unit(seconds)
+    return f"{seconds:.0f} s" if scale == 1 else f"{seconds / scale:.1f} {unit}"
 
 
 def format_cell(value: Any) -> str:
@@ -91,8 +101,6 @@ def to_markdown(blocks: Sequence[Block]) -> str:
             parts.append("#" * block.level + " " + block.text)
         elif isinstance(block, Text):
             parts.append(block.text)
-        elif isinstance(block, Bullets):
-            parts.append("\n".join(f"- {item}" for item in block.items))
         elif isinstance(block, Code):
             parts.append(f"```\n{block.text}\n```")
         elif isinstance(block, Table):
@@ -157,8 +165,6 @@ def to_html(blocks: Sequence[Block], title: str, folder: Path) -> str:
             body.append(f"<h{block.level}>{_inline(block.text)}</h{block.level}>")
         elif isinstance(block, Text):
             body.append(f"<p>{_inline(block.text)}</p>")
-        elif isinstance(block, Bullets):
-            body.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in block.items) + "</ul>")
         elif isinstance(block, Code):
             body.append(f"<pre><code>{html.escape(block.text)}</code></pre>")
         elif isinstance(block, Table):

@@ -1,5 +1,5 @@
-"""Opening a finished (or still running) study for reading: its storage, its stored config, and
-the exact parameters each trial trained with.
+"""Opening a finished (or still running) study for reading, without writing to it: its storage
+and the config it stored.
 
 The storage URL and study name resolve exactly as in `search.run` (the study file through
 `load_config`, then `storage=` / `study_name=` overrides); what the trials *mean* (model, data
@@ -15,11 +15,9 @@ from typing import Any, NamedTuple
 
 import optuna
 import sqlalchemy
-from optuna.trial import FrozenTrial
 
-from search.config import DEFAULT_STORAGE, StudyConfig, build_config, resolve_tree
+from search.config import DEFAULT_STORAGE, SETTINGS, StudyConfig, build_config, resolve_tree
 from search.errors import SearchError
-from search.space import suggest
 from search.study import check_storage
 
 # Keys that say where things are on this machine, not what the study is: a user may point
@@ -64,7 +62,8 @@ def open_source(overrides: dict[str, Any]) -> StudySource:
     stored = study.user_attrs.get("config")
     if not isinstance(stored, dict):
         return StudySource(current, study, config_from_storage=False)
-    tree = {**current.raw, **stored}
+    # Keys a study stored that today's config no longer has (e.g. `direction`) are dropped.
+    tree = {**current.raw, **{k: v for k, v in stored.items() if k in SETTINGS}}
     tree["storage"], tree["study_name"] = current.storage, current.study_name
     for key in LOCAL_KEYS:
         if key in overrides:
@@ -92,22 +91,6 @@ def _open_storage(url: str) -> optuna.storages.RDBStorage:
     except Exception as error:  # noqa: BLE001 - any driver/schema error: not a usable storage
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise SearchError(f"storage={url}: not an Optuna storage ({reason}).") from None
-
-
-def trial_params(trial: FrozenTrial, config: StudyConfig) -> dict[str, Any]:
-    """The full parameter dict the trial trained with, fixed values and conditionals included.
-
-    Replays the space on the trial's own values (what the objective did), so the trainer gets
-    the very same dict; falls back to the stored params plus the recorded fixed values when the
-    trial does not fit the space (a study run under an older space).
-    """
-    try:
-        return suggest(optuna.trial.FixedTrial(dict(trial.params), trial.number), config.space)
-    except ValueError:
-        params = {**trial.user_attrs.get("fixed_params", {}), **trial.params}
-        fixed = {spec.name: spec.value for spec in config.space
-                 if spec.kind == "fixed" and spec.is_active(params)}
-        return {**fixed, **params}
 
 
 def location_args(config: StudyConfig) -> str:

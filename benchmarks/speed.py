@@ -1,8 +1,8 @@
-"""`python -m search.bench [model=cnn3|resnet20] [device=auto] [batch_size=N] [epochs=N] [out=PATH]`:
+"""`python benchmarks/speed.py [model=cnn3|resnet20] [device=auto] [batch_size=N] [epochs=N] [out=PATH]`:
 how fast a trial trains here, next to the pipeline people wrote by hand, and what a study costs
 beyond training.
 
-Three measurements, in one run on one machine, on random images shaped like CIFAR-10 (no download):
+Four measurements, in one run on one machine, on random images shaped like CIFAR-10 (no download):
 
 1. **baseline**: the hand-written homework pipeline: a torchvision-style `Dataset` of uint8 HWC
    images, per-image PIL transforms (`RandomCrop(32, padding=4)`, `RandomHorizontalFlip`,
@@ -12,7 +12,7 @@ Three measurements, in one run on one machine, on random images shaped like CIFA
    size, number of images). The two pipelines alternate epoch by epoch, so both see the same
    machine load; the first epoch of each is warm-up and not counted.
 3. **study**: a short real study (`search.run.run` on `dataset=fake`, SQLite storage, MLflow
-   logging when `search.tracking` exists) and the share of its wall time spent outside the
+   logging unless `study_tracking=off`) and the share of its wall time spent outside the
    model's forward/backward and evaluation: sampling, storage writes, logging, model building
    and the on-device data preparation inside the epochs.
 4. **throughput** (on a GPU by default, `throughput=[1,2,4]`): finished trials per hour of
@@ -41,24 +41,25 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import datetime, timezone
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import optuna
 import torch
 import yaml
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T  # noqa: N812 - the name everyone uses
 
 from search.cli import main_guard
 from search.config import load_config
 from search.data import DATASETS, DatasetSpec, ImageSet, load_split, train_val_split
 from search.errors import SearchError
 from search.models import build_model
-from search.trainer import EpochMetrics, Speed, make_loader, resolve_device, train
+from search.records import EpochMetrics
+from search.run import run
+from search.trainer import Speed, make_loader, resolve_device, train
 
 __all__ = ["SETTINGS", "bench", "main"]
 
@@ -77,8 +78,7 @@ SETTINGS: dict[str, Any] = {
     "workers": None,          # baseline DataLoader worker processes; None: min(4, CPU cores)
     "study_trials": 8,        # trials of the overhead study (0 skips it)
     "study_epochs": 2,        # epochs per trial of the overhead study
-    "study_tracking": "auto", # MLflow logging in the study: auto (on when search.tracking
-                              # exists), on, off
+    "study_tracking": "on",   # MLflow logging in the study: on, off
     "study_args": [],         # further study overrides, given as study.KEY=VALUE words, e.g.
                               # study.space.width_3.choices=[64]
     "throughput": None,       # worker counts for the study-throughput measurement (finished
@@ -120,8 +120,8 @@ def parse_settings(argv: Sequence[str]) -> dict[str, Any]:
             settings[key] = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             raise SearchError(f"{word}: malformed value.") from None
-    if settings["study_tracking"] not in ("auto", "on", "off", True, False):
-        raise SearchError(f"study_tracking={settings['study_tracking']!r}: allowed: auto, on, off.")
+    if settings["study_tracking"] not in ("on", "off", True, False):
+        raise SearchError(f"study_tracking={settings['study_tracking']!r}: allowed: on, off.")
     throughput = settings["throughput"]
     if throughput is not None and (not isinstance(throughput, list) or not all(
             isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in throughput)):
@@ -141,69 +141,12 @@ def parse_settings(argv: Sequence[str]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 # The baseline: per-image PIL transforms in DataLoader workers, float32, NCHW
 # ----------------------------------------------------------------------------------------------
-# torchvision's own transforms when they import; otherwise the same operations written out
-# (torchvision 0.x's v1 code paths for PIL images), so the baseline costs what it always did.
 
 
-class _Compose:
-    def __init__(self, transforms: Sequence[Callable]) -> None:
-        self.transforms = list(transforms)
-
-    def __call__(self, image: Any) -> Any:
-        for transform in self.transforms:
-            image = transform(image)
-        return image
-
-
-class _RandomCrop:
-    """torchvision `RandomCrop(size, padding)` on PIL: `ImageOps.expand`, then `Image.crop`."""
-
-    def __init__(self, size: int, padding: int) -> None:
-        self.size, self.padding = size, padding
-
-    def __call__(self, image: Image.Image) -> Image.Image:
-        image = ImageOps.expand(image, border=self.padding, fill=0)
-        width, height = image.size
-        top = int(torch.randint(0, height - self.size + 1, size=(1,)).item())
-        left = int(torch.randint(0, width - self.size + 1, size=(1,)).item())
-        return image.crop((left, top, left + self.size, top + self.size))
-
-
-class _RandomHorizontalFlip:
-    def __call__(self, image: Image.Image) -> Image.Image:
-        if torch.rand(1) < 0.5:
-            return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return image
-
-
-def _to_tensor(image: Image.Image) -> torch.Tensor:
-    """torchvision `ToTensor` on a PIL image: HWC uint8 -> CHW float in [0, 1]."""
-    array = torch.from_numpy(np.array(image, np.uint8, copy=True))
-    array = array.view(image.size[1], image.size[0], len(image.getbands()))
-    return array.permute((2, 0, 1)).contiguous().to(dtype=torch.float32).div(255)
-
-
-class _Normalize:
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.mean = torch.as_tensor(mean).view(-1, 1, 1)
-        self.std = torch.as_tensor(std).view(-1, 1, 1)
-
-    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.clone().sub_(self.mean).div_(self.std)
-
-
-def baseline_transforms(spec: DatasetSpec, train: bool) -> tuple[Callable, str]:
-    """The homework transforms, and where they come from ("torchvision" or why not)."""
-    try:
-        from torchvision import transforms as T  # noqa: N812 - the name everyone uses
-
-        steps = [T.RandomCrop(spec.image_size, padding=4), T.RandomHorizontalFlip()] if train else []
-        return T.Compose([*steps, T.ToTensor(), T.Normalize(spec.mean, spec.std)]), "torchvision"
-    except Exception as error:  # noqa: BLE001 - a broken torchvision build fails in many ways
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        steps = [_RandomCrop(spec.image_size, 4), _RandomHorizontalFlip()] if train else []
-        return (_Compose([*steps, _to_tensor, _Normalize(spec.mean, spec.std)]),
-                f"torchvision-equivalent PIL code (torchvision does not import here: {reason})")
+def baseline_transforms(spec: DatasetSpec, train: bool) -> Callable:
+    """The homework transforms: torchvision's, on PIL images."""
+    steps = [T.RandomCrop(spec.image_size, padding=4), T.RandomHorizontalFlip()] if train else []
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(spec.mean, spec.std)])
 
 
 class PilImages(Dataset):
@@ -245,8 +188,8 @@ class BaselineRun:
                                  image_size=spec.image_size, num_classes=spec.num_classes).to(device)
         self.optimizer = textbook_optimizer(self.model, params)
         self.criterion = nn.CrossEntropyLoss()
-        train_transform, self.transforms = baseline_transforms(spec, train=True)
-        val_transform, _ = baseline_transforms(spec, train=False)
+        train_transform = baseline_transforms(spec, train=True)
+        val_transform = baseline_transforms(spec, train=False)
         batch_size = int(params["batch_size"])
         common = dict(num_workers=workers, pin_memory=device.type == "cuda",
                       persistent_workers=workers > 0)  # no worker start-up cost per epoch
@@ -333,7 +276,7 @@ def compare(model_name: str, params: dict[str, Any], *, device: torch.device, ep
     train(model_name, params, train_data=train_data, val_data=val_data, spec=spec, epochs=epochs,
           seed=seed, device=device, on_epoch=after_our_epoch)
     ours, base = _summary(ours_epochs), _summary(baseline_epochs)
-    base["transforms"], base["workers"] = baseline.transforms, workers
+    base["transforms"], base["workers"] = "torchvision", workers
     return {"baseline": base, "ours": ours, "ratio": {
         key.removesuffix("_images_per_second"): ours[key] / base[key]
         for key in ("train_images_per_second", "val_images_per_second")}}
@@ -361,15 +304,10 @@ def _loader_seconds(data: ImageSet, spec: DatasetSpec, device: torch.device, bat
 
 
 def study_overhead(model_name: str, *, device: torch.device, trials: int, epochs: int,
-                   seed: int, ours: dict[str, float] | None, tracking: str | bool = "auto",
+                   seed: int, ours: dict[str, float] | None, tracking: str | bool = "on",
                    extra: Sequence[str] = ()) -> dict[str, Any]:
     """Runs a real study in-process and splits its wall time into epochs and the rest."""
-    from search.run import run  # late: run imports the optional integrations
-
-    available = find_spec("search.tracking") is not None
-    if tracking in ("on", True) and not available:
-        raise SearchError("study_tracking=on: search.tracking (MLflow logging) is not installed.")
-    tracking = available if tracking == "auto" else tracking in ("on", True)
+    tracking = tracking in ("auto", "on", True)
     with tempfile.TemporaryDirectory(prefix="search-bench-") as folder:
         storage = f"sqlite:///{folder}/optuna.db"
         overrides = [f"study={model_name}", "dataset=fake", f"epochs={epochs}",
@@ -381,7 +319,7 @@ def study_overhead(model_name: str, *, device: torch.device, trials: int, epochs
         output = io.StringIO()
         started = time.perf_counter()
         with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
-            code = run(config)
+            code = run(config, overrides)
         wall = time.perf_counter() - started
         if code != 0:
             raise SearchError(f"the benchmark study failed (exit {code}):\n{output.getvalue()}")
@@ -490,7 +428,7 @@ def bench(settings: dict[str, Any]) -> dict[str, Any]:
                           f"({params['batch_size']}).")
     workers = settings["workers"] if settings["workers"] is not None else min(4, os.cpu_count() or 1)
     machine = _machine(device)
-    print(f"search.bench: {model_name} on {device} ({machine.get('gpu', machine['cpu'])}, "
+    print(f"benchmarks/speed.py: {model_name} on {device} ({machine.get('gpu', machine['cpu'])}, "
           f"{machine['cpu_count']} CPU cores), batch {params['batch_size']}, {train_images} train / "
           f"{val_images} val random CIFAR-shaped images, {settings['epochs']} epochs each "
           "(the first is warm-up)", flush=True)

@@ -1,0 +1,85 @@
+"""What training produces and everyone downstream reads: per-epoch metrics, a training run's
+result, a final (test-set) run, and the seeds that make each reproducible.
+
+Plain data with no behaviour beyond a few derived values, torch-free, so the objective, the
+trackers, retraining and the report all share one definition of each.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+# Seeds of the repeats of one configuration are this far apart, so they never meet another
+# trial's seed (trial seeds are consecutive).
+SEED_STRIDE = 1_000_003
+
+
+def trial_seed(study_seed: int, trial_number: int) -> int:
+    """Each trial gets its own reproducible seed from the study seed and its number."""
+    return study_seed * 100_003 + trial_number
+
+
+def repeat_seed(study_seed: int, trial_number: int, repeat: int) -> int:
+    """Repeat 0 is the trial's own seed (so it reproduces the trial); others are new seeds."""
+    return trial_seed(study_seed, trial_number) + SEED_STRIDE * repeat
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    epoch: int                       # 1-based: the number of epochs trained so far
+    train_loss: float
+    train_accuracy: float
+    val_loss: float | None
+    val_accuracy: float | None
+    lr: float
+    epoch_seconds: float
+    images_per_second: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: v for k, v in self.__dict__.items() if v is not None and k != "epoch"}
+
+
+def best_of(history: Sequence[EpochMetrics]) -> EpochMetrics | None:
+    """The epoch with the highest validation accuracy (the first of ties); None without one."""
+    scored = [m for m in history if m.val_accuracy is not None and math.isfinite(m.val_accuracy)]
+    return max(scored, key=lambda m: m.val_accuracy) if scored else None
+
+
+@dataclass
+class TrainResult:
+    model: Any                       # the trained torch module
+    history: list[EpochMetrics] = field(default_factory=list)
+    parameter_count: int = 0
+    stopped_early: bool = False
+
+    @property
+    def best_epoch(self) -> int | None:
+        best = best_of(self.history)
+        return best.epoch if best else None
+
+
+def mean_and_std(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation over seeds; the std is None with a single seed."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+class FinalRun(NamedTuple):
+    """One final training run: a configuration, a seed, its test accuracy. Passed to the
+    `on_run` hook of a final evaluation (e.g. to log it to MLflow)."""
+
+    study_name: str
+    label: str                                  # "rank 1", "baseline", ...
+    trial_number: int
+    repeat: int
+    seed: int
+    params: dict[str, Any]
+    epochs: int
+    test_accuracy: float
+    test_loss: float
+    train_seconds: float
+    parameter_count: int
+    history: list[EpochMetrics]
