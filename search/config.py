@@ -25,8 +25,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from search.data import DATASETS
-from search.errors import SearchError
+from search.data import DATASETS, DEFAULT_DATA_DIR
+from search.errors import SearchError, shown
 from search.params import MODELS
 from search.space import ParamSpec, check_baseline, parse_space
 
@@ -43,7 +43,7 @@ Check = Callable[[str, Any], Any]
 
 
 def _fail(key: str, value: Any, allowed: str) -> SearchError:
-    return SearchError(f"{key}={value!r}: expected {allowed}.")
+    return SearchError(f"{key}={shown(value)}: expected {allowed}.")
 
 
 def whole(minimum: int, maximum: int | None = None, what: str = "a whole number") -> Check:
@@ -82,7 +82,7 @@ def one_of(allowed: tuple[str, ...]) -> Check:
     def check(key: str, value: Any) -> str:
         if value not in allowed or not isinstance(value, str):
             hint = difflib.get_close_matches(str(value), allowed, n=1)
-            raise SearchError(f"{key}={value!r}: unknown value"
+            raise SearchError(f"{key}={shown(value)}: unknown value"
                               + (f" (did you mean '{hint[0]}'?)" if hint else "")
                               + f"; allowed: {', '.join(allowed)}.")
         return value
@@ -95,7 +95,7 @@ def optional(check: Check) -> Check:
 
 def device_name(key: str, value: Any) -> str:
     if not (isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?", value)):
-        raise SearchError(f"{key}={value!r}: unknown device; allowed: auto, cpu, cuda, cuda:N.")
+        raise SearchError(f"{key}={shown(value)}: unknown device; allowed: auto, cpu, cuda, cuda:N.")
     return value
 
 
@@ -112,7 +112,8 @@ SETTINGS: dict[str, Setting] = {
     "study": Setting(None, "study file under studies/ (or a path to a .yaml file)"),
     "model": Setting(None, " | ".join(MODELS), one_of(tuple(MODELS))),
     "dataset": Setting(None, " | ".join(DATASETS), one_of(tuple(DATASETS))),
-    "data_dir": Setting("data", "where datasets live / are downloaded to (default: data)",
+    "data_dir": Setting(str(DEFAULT_DATA_DIR), "where datasets live / are downloaded to (default: "
+                        "data; only the default falls back to a system copy)",
                         text("a directory path")),
     "val_size": Setting(None, "validation images carved from the training set (default: 5000; "
                               "fake: 256)", optional(whole(1, what="a whole number of images"))),
@@ -273,14 +274,19 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
 
 
 def _parse_value(key: str, text: str) -> Any:
+    word = f"{key}={text if len(text) <= 60 else text[:57] + '...'}"
+    if "${" in text:  # OmegaConf would resolve it against the config: a value is only a value
+        raise SearchError(f"{word}: interpolations (${{...}}) are not supported in overrides; "
+                          "write the value itself.")
     try:
         value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]
-    except (OmegaConfBaseException, yaml.YAMLError) as error:
-        reason = str(error).splitlines()[0]
-        raise SearchError(f"{key}={text}: malformed value ({reason}). Lists are written "
-                          "[a,b,c], strings need no quotes.") from None
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError) as error:
+        # ValueError: a number of more than 4300 digits, which Python refuses to read
+        reason = str(error).splitlines()[0][:200]
+        raise SearchError(f"{word}: malformed value ({reason}). Lists are written [a,b,c], "
+                          "strings need no quotes.") from None
     if isinstance(value, str) and text.strip().startswith(("[", "{")):
-        raise SearchError(f"{key}={text}: malformed list or mapping.")
+        raise SearchError(f"{word}: malformed list or mapping.")
     return value
 
 
@@ -339,18 +345,22 @@ def resolve_tree(overrides: list[tuple[str, Any]], default_study: str | None = N
     unknown = [k for k in from_file if k not in SETTINGS]
     if unknown:
         raise SearchError(f"{path}: unknown key '{unknown[0]}'; allowed: {', '.join(SETTINGS)}.")
-    tree = OmegaConf.merge(OmegaConf.create(defaults()), from_file)
-    tree.study = path.stem
-    plain = OmegaConf.to_container(tree, resolve=True)
+    try:
+        tree = OmegaConf.merge(OmegaConf.create(defaults()), from_file)
+        tree.study = path.stem
+        plain = OmegaConf.to_container(tree, resolve=True)
+    except OmegaConfBaseException as error:
+        raise SearchError(f"{path}: cannot be read ({str(error).splitlines()[0]}).") from None
     for key, value in overrides:
         if key == "study":
             continue
         _check_key(key, plain)
         try:
             OmegaConf.update(tree, key, value, merge=False)
+            plain = OmegaConf.to_container(tree, resolve=True)
         except OmegaConfBaseException as error:
-            raise SearchError(f"{key}={value!r}: cannot be set ({error.msg}).") from None
-        plain = OmegaConf.to_container(tree, resolve=True)
+            reason = str(error).splitlines()[0]
+            raise SearchError(f"{key}={shown(value)}: cannot be set ({reason}).") from None
     return plain
 
 
@@ -358,7 +368,7 @@ def _section(name: str, data: Any) -> Any:
     """`sampler` or `pruner`: its name among the allowed ones, its other keys whole numbers."""
     cls, check_name = SECTIONS[name]
     if not isinstance(data, dict):
-        raise SearchError(f"{name}={data!r}: expected a name or a mapping of {name} settings.")
+        raise SearchError(f"{name}={shown(data)}: expected a name or a mapping of {name} settings.")
     allowed = [f.name for f in fields(cls)]
     for key, value in data.items():
         if key not in allowed:

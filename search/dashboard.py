@@ -5,17 +5,15 @@ and print the study's link."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
-import optuna
 import optuna_dashboard
 
 from search.artifacts import artifact_dir, artifact_store
 from search.cli import help_text, main_guard
-from search.config import StudyConfig, load_config
+from search.config import load_config
 from search.errors import SearchError
-from search.study import existing_study_id
+from search.source import load_stored_study
 
 SERVER_KEYS = {"port": 8080, "host": "127.0.0.1"}
 KEY_HELP = {
@@ -48,27 +46,6 @@ def _server_options(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     return options, rest
 
 
-def open_storage(config: StudyConfig) -> tuple[optuna.storages.BaseStorage, int]:
-    """The study's storage and id; a missing file or study is a user error, not a new study."""
-    storage_url = config.storage
-    if storage_url.startswith("sqlite:///"):
-        database = Path(storage_url[len("sqlite:///"):].split("?")[0]).expanduser()
-        if not database.is_file():
-            raise SearchError(f"storage={storage_url}: no such file ({database.resolve()}). Run "
-                              f"`python -m search.run study={config.study}` first, or point "
-                              "storage= at the study's database.")
-    try:
-        storage = optuna.storages.RDBStorage(storage_url)
-    except Exception as error:  # noqa: BLE001 - any driver error: cannot use this storage
-        raise SearchError(f"storage={storage_url}: cannot open ({error}).") from None
-    study_id = existing_study_id(storage, config.study_name)
-    if study_id is None:
-        names = optuna.get_all_study_names(storage)
-        raise SearchError(f"study_name={config.study_name}: no such study in {storage_url} "
-                          f"(studies there: {', '.join(names) or 'none'}); add study_name=NAME.")
-    return storage, study_id
-
-
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(help_text("search.dashboard", SUMMARY, KEY_HELP, EXAMPLES, options=()))
@@ -78,7 +55,8 @@ def main(argv: list[str]) -> int:
         raise SearchError(f"unknown option {unknown[0]}; options: --help.")
     options, rest = _server_options(argv)
     config = load_config(rest)
-    storage, study_id = open_storage(config)
+    _, storage = load_stored_study(config.storage, config.study_name)
+    study_id = storage.get_study_id_from_name(config.study_name)
     folder = artifact_dir(config.storage)
     print(f"optuna-dashboard for study '{config.study_name}' in {config.storage} "
           f"(artifacts: {folder}):\n  http://{options['host']}:{options['port']}/dashboard/"

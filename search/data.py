@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import sys
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -120,6 +121,9 @@ class ImageSet:
         return len(self.labels)
 
 
+DEFAULT_DATA_DIR = Path("data")  # relative to the working directory, like mlruns/
+
+
 def _dataset_names() -> str:
     return ", ".join(repr(name) for name in DATASETS)
 
@@ -156,8 +160,8 @@ def load_split(
         cifar10: `data_dir/cifar-10-batches-py/data_batch_1..5` and `test_batch`.
         cifar100: `data_dir/cifar-100-python/train` and `test`.
         fashion_mnist: the four idx files (plain or .gz) in `data_dir`,
-            `data_dir/fashion_mnist`, `data_dir/FashionMNIST/raw`, then
-            `FASHION_MNIST_SYSTEM_DIR` (Debian's `dataset-fashion-mnist` package).
+            `data_dir/fashion_mnist`, `data_dir/FashionMNIST/raw`, then, for the default
+            `data_dir` only, `FASHION_MNIST_SYSTEM_DIR` (Debian's `dataset-fashion-mnist`).
         fake: nothing; 1024 training and 256 test images are generated.
     """
     if name not in DATASETS:
@@ -351,6 +355,7 @@ def _read_cifar_batch(
 #: Where Debian's `dataset-fashion-mnist` package installs the idx files (a module constant
 #: so that tests can point it elsewhere).
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+_ANNOUNCED: set[Path] = set()  # system copies already named on stderr by this process
 
 _FASHION_FILES = {
     True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -359,13 +364,11 @@ _FASHION_FILES = {
 
 
 def _fashion_mnist_dirs(data_dir: Path) -> list[Path]:
+    """Where the idx files are looked for. A data_dir a person gave is used or refused, never
+    swapped for another copy: only the default `data` falls back to the system's copy."""
     # data_dir/FashionMNIST/raw is where torchvision's downloader puts the files.
-    return [
-        data_dir,
-        data_dir / "fashion_mnist",
-        data_dir / "FashionMNIST" / "raw",
-        FASHION_MNIST_SYSTEM_DIR,
-    ]
+    dirs = [data_dir, data_dir / "fashion_mnist", data_dir / "FashionMNIST" / "raw"]
+    return dirs + [FASHION_MNIST_SYSTEM_DIR] if data_dir == DEFAULT_DATA_DIR else dirs
 
 
 def _find_idx(directory: Path, stem: str) -> Path | None:
@@ -384,13 +387,20 @@ def _load_fashion_mnist(data_dir: Path, *, train: bool, download: bool) -> Image
         found = _find_fashion_mnist(data_dir, image_stem, label_stem)
     if found is None:
         searched = ", ".join(str(d) for d in _fashion_mnist_dirs(data_dir))
+        system = ("" if data_dir == DEFAULT_DATA_DIR else
+                  f" (the system's copy in {FASHION_MNIST_SYSTEM_DIR} is used only with the "
+                  f"default data_dir={DEFAULT_DATA_DIR})")
         raise SearchError(
             f"fashion_mnist files {image_stem}(.gz) and {label_stem}(.gz) not found; searched "
-            f"{searched}. Install them with `sudo apt-get install dataset-fashion-mnist` or "
-            f"put the four idx files into {data_dir}. "
+            f"{searched}{system}. Install them with `sudo apt-get install dataset-fashion-mnist` "
+            f"or put the four idx files into {data_dir}. "
             f"Automatic download was not possible ({failure})."
         )
     image_path, label_path = found
+    if image_path.parent == FASHION_MNIST_SYSTEM_DIR and image_path not in _ANNOUNCED:
+        _ANNOUNCED.add(image_path)
+        print(f"note: fashion_mnist from {FASHION_MNIST_SYSTEM_DIR} (Debian's "
+              f"dataset-fashion-mnist; there is no copy under {data_dir}/).", file=sys.stderr)
     images = _read_idx(image_path, ndim=3)
     labels = _read_idx(label_path, ndim=1).astype(np.int64)
     if len(images) != len(labels) or (len(labels) > 0 and labels.max() >= 10):

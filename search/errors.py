@@ -7,3 +7,10 @@ points turn it into a clean non-zero exit with no traceback.
 
 class SearchError(Exception):
     """A problem the user can fix; the message says what is wrong and what is allowed."""
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """A value as an error message quotes it: its repr, cut short (a 4000-digit number or a long
+    list would bury the message)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

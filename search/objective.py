@@ -7,11 +7,14 @@ plugs in as `TrialObserver`s, so this module imports neither mlflow nor optuna-d
 from __future__ import annotations
 
 import signal
+import sqlite3
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
 import optuna
+import sqlalchemy
 import torch
 
 from search.config import StudyConfig
@@ -46,8 +49,13 @@ class StopSignal:
     that bookkeeping (`check`, an Optuna callback) or the start of the next trial.
     """
 
+    REASONS = {signal.SIGINT: "interrupted by the user (Ctrl-C)",
+               signal.SIGTERM: "SIGTERM: the process was asked to stop (kill, a job scheduler)"}
+
     def __init__(self) -> None:
         self.requested = False
+        self.signum = signal.SIGINT
+        self.reason = self.REASONS[signal.SIGINT]  # what a stopped trial's fail_reason says
         self._in_trial = False
 
     def install(self) -> None:
@@ -55,6 +63,9 @@ class StopSignal:
         signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if not self.requested:
+            self.signum = signum
+            self.reason = self.REASONS.get(signum, f"stopped by signal {signum}")
         self.requested = True
         if self._in_trial:
             raise KeyboardInterrupt
@@ -69,6 +80,30 @@ class StopSignal:
     def check(self, *_: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
+
+    @property
+    def exit_status(self) -> int:
+        """What a shell expects of a process that stopped on this signal (130, 143)."""
+        return 128 + int(self.signum)
+
+
+# The storage itself failing (disk full, database server gone) is no fault of the trial: the
+# run stops, and the trial is recovered when the same command runs again.
+STORAGE_ERRORS = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError,
+                  sqlite3.Error)
+
+
+def storage_cause(error: BaseException) -> BaseException | None:
+    """The storage failure behind an error, if there is one. Optuna turns a storage that fails
+    while it records a failed trial into `AssertionError("Should not reach.")`, with the
+    storage's error as its context, so the chain is followed."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, STORAGE_ERRORS):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -130,21 +165,18 @@ class Objective:
             state = optuna.trial.TrialState.COMPLETE
             _record(trial, attrs)
             return history[-1].val_accuracy
-        except TrainingDiverged as error:
-            attrs = self._fail(trial, history, f"diverged: {error}", started)
-            raise TrialFailed(attrs["fail_reason"]) from None
-        except (RuntimeError, torch.cuda.OutOfMemoryError) as error:
-            if not is_out_of_memory(error):
-                raise
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            attrs = self._fail(trial, history, f"out of memory: {str(error).splitlines()[0]}", started)
-            raise TrialFailed(attrs["fail_reason"]) from None
+        except (optuna.TrialPruned, *STORAGE_ERRORS):
+            raise
         except KeyboardInterrupt:
             if self.stop is not None:
                 self.stop.leave_trial()  # a second Ctrl-C must not cut recording the first
-            attrs = self._fail(trial, history, "interrupted by the user (Ctrl-C)", started)
+            attrs = self._fail(trial, history, self.stop.reason if self.stop else
+                               StopSignal.REASONS[signal.SIGINT], started)
             raise
+        except Exception as error:  # noqa: BLE001 - one bad sample must never end the study
+            reason = _failure(error, self.device)
+            attrs = self._fail(trial, history, reason, started)
+            raise TrialFailed(reason) from None
         finally:
             if self.stop is not None:
                 self.stop.leave_trial()
@@ -157,6 +189,22 @@ class Objective:
         attrs["fail_reason"] = reason
         _record(trial, attrs)
         return attrs
+
+
+def _failure(error: Exception, device: torch.device) -> str:
+    """The fail_reason of a trial that raised `error`; expected failures (divergence, running out
+    of memory) in a few words, anything else (a sampled combination that cannot be built, a bug)
+    with its type, and a warning so that a person notices."""
+    if isinstance(error, TrainingDiverged):
+        return f"diverged: {error}"
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if is_out_of_memory(error):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return f"out of memory: {first_line}"
+    print(f"warning: a trial failed with {type(error).__name__}: {first_line}; the study goes "
+          "on without it.", file=sys.stderr, flush=True)
+    return f"{type(error).__name__}: {first_line}"[:2000]
 
 
 def _summary(history: list[EpochMetrics], parameter_count: int | None, seconds: float) -> dict[str, Any]:

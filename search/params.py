@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from search.errors import SearchError
+from search.errors import SearchError, shown
 
 KINDS = ("float", "int", "bool", "choice")
 
@@ -78,9 +78,13 @@ class Param:
             return None if ok else f"must be {self.valid()}"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"must be {self.valid()}"
-        if self.kind == "int" and (not math.isfinite(value) or value != int(value)):
+        try:  # a whole number too large for a float is too large for any parameter here
+            finite = math.isfinite(value)
+        except OverflowError:
+            finite = False
+        if not finite or (self.kind == "int" and value != int(value)):
             return f"must be {self.valid()}"
-        if not math.isfinite(value) or self._below(value) or self._above(value):
+        if self._below(value) or self._above(value):
             return f"must be {self.valid()}"
         return None
 
@@ -94,7 +98,7 @@ class Param:
         """Returns `value`, or raises SearchError naming `key` (default: the name) and what is valid."""
         problem = self.problem(value)
         if problem:
-            raise SearchError(f"{key or self.name}={value!r}: {self.name} {problem}.")
+            raise SearchError(f"{key or self.name}={shown(value)}: {self.name} {problem}.")
         return int(value) if self.kind == "int" else value
 
     def format(self, value: Any) -> str:
@@ -116,7 +120,7 @@ _ALL = (
           choices=("sgd", "adam", "adamw", "rmsprop", "adagrad"), headline=True),
     Param("lr", "float", "learning rate (peak, before the schedule)", low=0.0, low_open=True,
           headline=True),
-    Param("batch_size", "int", "training images per step", low=1, grows_model=True,
+    Param("batch_size", "int", "training images per step", low=1, high=65536, grows_model=True,
           headline=True),
     Param("weight_decay", "float", "L2 penalty on conv/linear weights (not on BN or biases)",
           low=0.0, headline=True),
@@ -127,22 +131,23 @@ _ALL = (
     _unit("alpha", "RMSprop smoothing constant"),
     Param("schedule", "choice", "learning-rate schedule over the epoch budget, per step",
           choices=("none", "cosine", "step")),
-    Param("step_size", "int", "epochs between decays of the step schedule", low=1),
+    Param("step_size", "int", "epochs between decays of the step schedule", low=1, high=100_000),
     Param("gamma", "float", "decay factor of the step schedule", low=0.0, low_open=True, high=1.0),
     Param("augment", "bool", "random 4-pixel crops and horizontal flips"),
     _unit("label_smoothing", "label smoothing of the cross-entropy loss"),
     *(Param(f"kernel_size_{i}", "choice", f"kernel size of cnn3's conv block {i}",
             choices=KERNEL_SIZES, grows_model=True) for i in (1, 2, 3)),
-    *(Param(f"width_{i}", "int", f"output channels of cnn3's conv block {i}", low=1,
+    *(Param(f"width_{i}", "int", f"output channels of cnn3's conv block {i}", low=1, high=4096,
             grows_model=True) for i in (1, 2, 3)),
-    Param("hidden_1", "int", "width of cnn3's first hidden layer", low=1, grows_model=True),
-    Param("hidden_2", "int", "width of cnn3's second hidden layer (0: none)", low=0,
+    Param("hidden_1", "int", "width of cnn3's first hidden layer", low=1, high=16384,
+          grows_model=True),
+    Param("hidden_2", "int", "width of cnn3's second hidden layer (0: none)", low=0, high=16384,
           grows_model=True),
     _unit("dropout", "dropout before each linear layer of the head"),
     Param("batch_norm", "bool", "batch norm after each conv of cnn3 (else conv biases)"),
     Param("activation", "choice", "activation function", choices=ACTIVATIONS),
     Param("width_multiplier", "float", "scales resnet20's 16/32/64 channels", low=0.0,
-          low_open=True, grows_model=True),
+          low_open=True, high=16.0, grows_model=True),
     Param("stem_kernel_size", "choice", "kernel size of resnet20's first conv",
           choices=KERNEL_SIZES, grows_model=True),
 )

@@ -18,10 +18,10 @@ import optuna
 from search.cli import KEY_HELP, help_text, main_guard
 from search.config import StudyConfig, load_config, to_yaml
 from search.dry_run import dry_run
-from search.objective import StopSignal
+from search.objective import StopSignal, storage_cause
 from search.params import format_params
 from search.progress import Progress, TrialLines
-from search.session import Session, prepare, print_summary
+from search.session import Session, prepare, print_summary, storage_failure
 from search.study import count_finished
 from search.workers import Workers
 
@@ -47,7 +47,18 @@ def run(config: StudyConfig, overrides: list[str] = ()) -> int:
                   f"loss {report['loss']:.3f}  ({format_params(params, limit=99)})")
         print("dry run: the space works; nothing was written to the storage.")
         return 0
-    session = Session.create(config, device, data)
+    try:
+        return _run_study(Session.create(config, device, data), overrides)
+    except Exception as error:  # disk full, database server gone: a fault of the machine
+        cause = storage_cause(error)
+        if cause is None:
+            raise
+        print(f"\n{storage_failure(config, cause)}", file=sys.stderr)
+        return 1
+
+
+def _run_study(session: Session, overrides: list[str]) -> int:
+    config = session.config
     print(session.describe(), flush=True)
     if count_finished(session.study) >= config.n_trials:
         session.close()
@@ -70,9 +81,11 @@ def run(config: StudyConfig, overrides: list[str] = ()) -> int:
         print(f"\nInterrupted after {time.perf_counter() - session.started:.0f} s: the running "
               "trials are marked FAIL and the storage is consistent. Rerun the same command to "
               "resume.", file=sys.stderr)
-        return 130
-    except BaseException:  # a bug or a user error in this process: the workers stop too
+        return stop.exit_status
+    except BaseException:  # a storage failure, a bug: the workers stop too, the curves are saved
+        lines.close()
         workers.stop()
+        session.close()
         raise
     lines.close()
     session.end(interrupted=False)

@@ -17,11 +17,11 @@ fills up the rest. Optuna's `MaxTrialsCallback` alone would overshoot by up to N
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fcntl
 import hashlib
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -35,9 +35,11 @@ from optuna.trial import TrialState
 from search.artifacts import DashboardArtifacts
 from search.config import StudyConfig
 from search.data import SearchData, load_search_data
+from search.errors import SearchError
 from search.objective import Objective, StopSignal, TrialFailed
 from search.params import format_params
 from search.progress import describe_trial
+from search.recovery import OWNER_ATTR, recover_dead_trials, this_process
 from search.study import (
     FINISHED,
     check_resume,
@@ -52,12 +54,44 @@ from search.trainer import resolve_device
 
 
 def prepare(config: StudyConfig) -> tuple[torch.device, SearchData]:
-    """What can fail before the storage is touched: the device, the data, the storage URL."""
+    """Everything that can be checked before anything is written: the device, the data, the
+    storage (reachable, writable, and a stored study's config unchanged) and the tracking store.
+    A command refused here leaves no storage file, study or MLflow experiment behind."""
     device = resolve_device(config.device)
+    check_workers(config, device)
     data = load_search_data(config.dataset, config.data_dir, val_size=config.val_size,
                             seed=config.seed)
     check_storage(config.storage)
+    check_resume(config)
+    if config.tracking_enabled:
+        from search.tracking import check_tracking  # mlflow imports take ~2 s
+
+        check_tracking(config.tracking_uri, config.study_name)
     return device, data
+
+
+PROCESSES_PER_CORE = 4   # beyond this, trial processes only take turns on the CPU
+PROCESSES_PER_GPU = 8    # small models: a few processes fill a GPU's idle gaps, more only queue
+
+
+def check_workers(config: StudyConfig, device: torch.device) -> None:
+    """Refuses a number of trial processes that cannot help (a typo such as workers=100000
+    would start that many PyTorch processes), before any is started."""
+    cores = os.cpu_count() or 1
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    limit = max(PROCESSES_PER_CORE * cores, PROCESSES_PER_GPU * gpus)
+    if config.workers > config.n_trials:
+        raise SearchError(f"workers={config.workers}: more trial processes than trials "
+                          f"(n_trials={config.n_trials}); use at most workers={config.n_trials}.")
+    if config.workers > limit:
+        raise SearchError(
+            f"workers={config.workers}: this machine has {cores} CPU core(s)"
+            + (f" and {gpus} GPU(s)" if gpus else "") + f", which can hold at most {limit} trial "
+            f"processes; more would only take turns. Use workers={min(limit, config.n_trials)} "
+            "or fewer.")
+    if device.type == "cpu" and config.workers > cores:
+        print(f"note: workers={config.workers} on {cores} CPU core(s): the processes share the "
+              "cores; on a CPU, workers=1 is usually as fast.", file=sys.stderr)
 
 
 def _share_cpu(workers: int, device: torch.device) -> None:
@@ -81,13 +115,12 @@ class Session:
 
     @classmethod
     def create(cls, config: StudyConfig, device: torch.device, data: SearchData) -> Session:
-        """Opens (creating or resuming) the study, after checking that resuming is safe and the
-        tracking store answers, so a refused command changes nothing."""
-        check_resume(config, make_storage(config.storage))
+        """Opens (creating or resuming) the study, then its MLflow experiment; `prepare` has
+        checked everything that can be checked first."""
         for reason in config.skipped_baselines:
             print(f"note: {reason}; that baseline is skipped.")
-        study_run, observers = make_observers(config)
         study, resumed = open_study(config)  # baselines are enqueued here, once
+        study_run, observers = make_observers(config)
         _share_cpu(config.workers, device)
         return cls(config, device, data, study, observers, study_run, resumed)
 
@@ -133,16 +166,12 @@ class Session:
 
 
 def make_observers(config: StudyConfig) -> tuple[object | None, list]:
-    """The trial observers of the optional integrations (MLflow, dashboard artifacts).
-
-    An unreachable tracking store is a SearchError here, before the study is opened.
-    """
+    """The trial observers of the optional integrations (MLflow, dashboard artifacts)."""
     observers: list = [DashboardArtifacts(config)]
     if not config.tracking_enabled:
         return None, observers
-    from search.tracking import StudyRun, TrialLogger, check_tracking  # mlflow imports: ~2 s
+    from search.tracking import StudyRun, TrialLogger  # mlflow imports take ~2 s
 
-    check_tracking(config.tracking_uri)
     study_run = StudyRun(config)
     return study_run, [TrialLogger(study_run), *observers]
 
@@ -156,6 +185,7 @@ def run_reserved(study: optuna.Study, objective: Callable[[optuna.Trial], float]
     its `n_trials` (or this run's budget is used up, `timeout` passes, or the parent process
     that started this worker is gone)."""
     deadline = time.monotonic() + config.timeout if config.timeout else None
+    owner = this_process()
     while deadline is None or time.monotonic() < deadline:
         stop.check()
         if parent_pid is not None and os.getppid() != parent_pid:
@@ -165,6 +195,7 @@ def run_reserved(study: optuna.Study, objective: Callable[[optuna.Trial], float]
                 return
 
             def reserved(trial: optuna.Trial) -> float:
+                trial.set_user_attr(OWNER_ATTR, owner)  # who to ask whether it still runs
                 reservation.release()  # the trial is RUNNING now: others may count it
                 return objective(trial)
 
@@ -200,8 +231,7 @@ class _Reservation:
 
 def _room_for_one_more(study: optuna.Study, n_trials: int, since: datetime) -> bool:
     """Whether starting a trial now keeps the study within `n_trials` and this run's budget."""
-    with contextlib.suppress(Exception):  # best effort: a trial whose worker was killed
-        optuna.storages.fail_stale_trials(study)
+    recover_dead_trials(study)  # trials of processes that died run again
     trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING, TrialState.FAIL))
     taken = sum(t.state in FINISHED or t.state == TrialState.RUNNING
                 or (t.datetime_start is not None and t.datetime_start >= since) for t in trials)
@@ -209,6 +239,16 @@ def _room_for_one_more(study: optuna.Study, n_trials: int, since: datetime) -> b
 
 
 # ---------------------------------------------------------------- what a person reads at the end
+
+def storage_failure(config: StudyConfig, error: BaseException) -> str:
+    """One paragraph for a storage that failed mid-run; what was committed stays consistent."""
+    cause = getattr(error, "orig", None) or error.__cause__ or error.__context__ or error
+    reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return (f"error: the storage {config.storage} failed while the study ran ({reason}). Every "
+            "trial it recorded is intact (a failed write changes nothing); fix the cause (free "
+            "disk space, restart the database server), then rerun the same command: it resumes "
+            "the study and retries the interrupted trial.")
+
 
 def print_summary(study: optuna.Study, config: StudyConfig) -> int:
     """The study's trial counts, its best trial and the commands to look further; exit code 0."""

@@ -10,15 +10,13 @@ study file edited since cannot change how old trials are read or retrained.
 from __future__ import annotations
 
 import difflib
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import optuna
-import sqlalchemy
 
 from search.config import DEFAULT_STORAGE, SETTINGS, StudyConfig, build_config, resolve_tree
 from search.errors import SearchError
-from search.study import check_storage
+from search.study import open_existing
 
 # Keys that say where things are on this machine, not what the study is: a user may point
 # them elsewhere when reading a study (another data folder, another device, another MLflow).
@@ -49,16 +47,7 @@ def open_source(overrides: dict[str, Any]) -> StudySource:
             f"{unknown[0]}: cannot be changed when reading a study (its trials were run with the "
             f"values the study stored); allowed here: {', '.join(LOCATION_KEYS)}.")
     current = build_config(resolve_tree(list(overrides.items())))
-    storage = _open_storage(current.storage)
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
-    if current.study_name not in names:
-        hint = difflib.get_close_matches(current.study_name, names, n=1)
-        raise SearchError(
-            f"no study named '{current.study_name}' in {current.storage}"
-            + (f" (did you mean '{hint[0]}'?)" if hint else "")
-            + f". Studies there: {', '.join(names) or 'none'}. Pass storage=URL and/or "
-            "study_name=NAME as given to search.run.")
-    study = optuna.load_study(study_name=current.study_name, storage=storage)
+    study, _ = load_stored_study(current.storage, current.study_name)
     stored = study.user_attrs.get("config")
     if not isinstance(stored, dict):
         return StudySource(current, study, config_from_storage=False)
@@ -71,26 +60,17 @@ def open_source(overrides: dict[str, Any]) -> StudySource:
     return StudySource(build_config(tree), study)
 
 
-def _open_storage(url: str) -> optuna.storages.RDBStorage:
-    """Opens an existing storage without creating anything: reading must never write."""
-    try:
-        parsed = sqlalchemy.engine.make_url(url)
-    except sqlalchemy.exc.ArgumentError:
-        raise SearchError(f"storage={url!r}: not a storage URL; write e.g. "
-                          "sqlite:///mlruns/optuna.db.") from None
-    if parsed.get_backend_name() == "sqlite":
-        database = parsed.database or ""
-        if database in ("", ":memory:") or not Path(database).expanduser().is_file():
-            default = " (the default storage)" if url == DEFAULT_STORAGE else ""
-            raise SearchError(f"storage={url}{default}: no such database file {database!r}; "
-                              "pass the storage= that search.run used.")
-    else:
-        check_storage(url)
-    try:
-        return optuna.storages.RDBStorage(url, skip_table_creation=True)
-    except Exception as error:  # noqa: BLE001 - any driver/schema error: not a usable storage
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SearchError(f"storage={url}: not an Optuna storage ({reason}).") from None
+def load_stored_study(url: str, name: str) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
+    """A study that must exist, from a storage opened for reading (`study.open_existing`)."""
+    storage = open_existing(url)
+    names = optuna.get_all_study_names(storage)
+    if name not in names:
+        hint = difflib.get_close_matches(name, names, n=1)
+        raise SearchError(
+            f"no study named '{name}' in {url}" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+            + f". Studies there: {', '.join(names) or 'none'}. Pass storage=URL and/or "
+            "study_name=NAME as given to search.run.")
+    return optuna.load_study(study_name=name, storage=storage), storage
 
 
 def location_args(config: StudyConfig) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
-from search.errors import SearchError
+from search.errors import SearchError, shown
 from search.params import ALIASES, PARAMS, Param, known_params
 
 KINDS = ("float", "int", "categorical")
@@ -83,8 +83,15 @@ def _fail(name: str, message: str) -> SearchError:
 
 
 def _number(name: str, field: str, value: Any) -> float:
+    """A finite bound or step (a whole number too large for a float is not finite here)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _fail(name, f"'{field}' must be a number, got {value!r}.")
+        raise _fail(name, f"'{field}' must be a number, got {shown(value)}.")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:
+        finite = False
+    if not finite:
+        raise _fail(name, f"'{field}' must be a finite number, got {shown(value)}.")
     return value
 
 
@@ -121,8 +128,6 @@ def parse_param(name: str, entry: Any, earlier: Sequence[str]) -> ParamSpec:
     step = entry.get("step")
     if not isinstance(log, bool):
         raise _fail(name, f"'log' must be true or false, got {log!r}.")
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise _fail(name, f"bounds must be finite, got low={low}, high={high}.")
     if low > high:
         raise _fail(name, f"empty range: low={low} is greater than high={high}.")
     if log and low <= 0:
@@ -152,6 +157,9 @@ def _parse_when(name: str, when: Any, earlier: Sequence[str]) -> tuple[tuple[str
             raise _fail(name, f"'when' refers to '{parent}', which must be a parameter defined "
                               f"before '{name}' (defined before it: {', '.join(earlier) or 'none'}).")
         values = tuple(values) if isinstance(values, (list, tuple)) else (values,)
+        if not values:
+            raise _fail(name, f"'when: {{{parent}: []}}' names no value, so '{name}' would never "
+                              "be active; list the values, or remove the parameter.")
         parsed.append((str(parent), values))
     return tuple(parsed)
 
@@ -176,8 +184,8 @@ def parse_space(raw: Mapping[str, Any], model: str) -> tuple[ParamSpec, ...]:
         for parent, values in spec.when:
             for value in values:
                 if PARAMS[parent].problem(value):
-                    raise _fail(spec.name, f"'when' needs {parent} to be {value!r}, which it never "
-                                           f"is: {parent} is {PARAMS[parent].valid()}.")
+                    raise _fail(spec.name, f"'when' needs {parent} to be {shown(value)}, which it "
+                                           f"never is: {parent} is {PARAMS[parent].valid()}.")
         specs.append(spec)
     return tuple(specs)
 
@@ -203,7 +211,7 @@ def _check_values(spec: ParamSpec, param: Param) -> None:
     for value in values:
         problem = param.problem(value)
         if problem:
-            raise _fail(spec.name, f"{value!r} is out of range: {spec.name} {problem} "
+            raise _fail(spec.name, f"{shown(value)} is out of range: {spec.name} {problem} "
                                    f"({param.help}).")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,13 @@ from optuna.trial import TrialState
 
 from search.config import DEFAULT_STORAGE, StudyConfig
 from search.errors import SearchError
+from search.recovery import retry
 from search.space import searched_params
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # A worker killed without a chance to clean up (SIGKILL, power loss) leaves its trial RUNNING;
-# heartbeats let the next run mark such trials FAIL instead of keeping them RUNNING forever.
+# heartbeats let another host's process mark such trials FAIL and retry them
+# (`search.recovery`; on the same host a dead owner is found at once).
 HEARTBEAT_SECONDS = 60
 GRACE_SECONDS = 180
 
@@ -74,26 +77,62 @@ def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
                       "successive_halving, patient, none.")
 
 
+def _parse(url: str, key: str = "storage") -> sqlalchemy.engine.URL:
+    try:
+        return sqlalchemy.engine.make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise SearchError(f"{key}={url!r}: not a storage URL; write e.g. sqlite:///mlruns/optuna.db "
+                          "or postgresql://user:password@host/db.") from None
+
+
+def sqlite_path(url: str, key: str = "storage") -> Path | None:
+    """The database file of a SQLite URL; None for a database server."""
+    parsed = _parse(url, key)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    if parsed.database in (None, "", ":memory:") or parsed.database.startswith("file::memory:"):
+        raise SearchError(f"{key}={url}: names no database file (an in-memory database keeps no "
+                          "study); write e.g. sqlite:///mlruns/optuna.db.")
+    return Path(parsed.database).expanduser()
+
+
+def check_writable(folder: Path, key: str, value: str, file: Path | None = None) -> None:
+    """Fails with a message when `folder` (and `file`, if it exists) cannot be written, found by
+    trying: permission bits (which root ignores) and read-only mounts fail alike."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        if file is not None and file.exists():
+            with open(file, "r+b"):
+                pass
+    except OSError as error:
+        where = file if file is not None and file.exists() and folder.is_dir() else folder
+        raise SearchError(f"{key}={value}: cannot write {where} ({error.strerror or error}). "
+                          f"Make it writable, or point {key}= somewhere that is.") from None
+
+
 def check_storage(url: str) -> None:
-    """Fails early, with a message, when the storage URL is malformed or cannot be reached.
+    """Fails early, with a message, when the storage URL is malformed, cannot be reached or
+    cannot be written.
 
     The default SQLite file's folder is created; any other SQLite folder must already exist,
     so a typo in a path does not silently start a new, empty study somewhere else.
     """
-    try:
-        parsed = sqlalchemy.engine.make_url(url)
-    except sqlalchemy.exc.ArgumentError:
-        raise SearchError(f"storage={url!r}: not a storage URL; write e.g. sqlite:///mlruns/optuna.db "
-                          "or postgresql://user:password@host/db.") from None
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        folder = Path(parsed.database).expanduser().resolve().parent
+    path = sqlite_path(url)
+    if path is not None:
+        folder = path.resolve().parent
         if url == DEFAULT_STORAGE:
-            folder.mkdir(parents=True, exist_ok=True)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise SearchError(f"storage={url}: cannot create the folder {folder} "
+                                  f"({error.strerror or error}).") from None
         elif not folder.is_dir():
             raise SearchError(f"storage={url}: the folder {folder} does not exist.")
+        check_writable(folder, "storage", url, path)
         return
     try:
-        engine = sqlalchemy.create_engine(url, connect_args=_connect_timeout(parsed))
+        engine = sqlalchemy.create_engine(url, connect_args=_connect_timeout(_parse(url)))
         with engine.connect():
             pass
         engine.dispose()
@@ -107,9 +146,37 @@ def _connect_timeout(parsed: sqlalchemy.engine.URL) -> dict[str, Any]:
     return {"connect_timeout": 10} if parsed.get_backend_name() in ("postgresql", "mysql") else {}
 
 
+def open_existing(url: str, hint: str = "") -> optuna.storages.RDBStorage:
+    """Opens a storage that must already exist, for reading: nothing is created or written.
+
+    A SQLite file whose folder cannot be written (a read-only mount, a copy on a CD) is opened
+    as immutable, since SQLite would otherwise need to write its shared-memory file to read.
+    """
+    path = sqlite_path(url)
+    if path is not None:
+        if not path.is_file():
+            default = " (the default storage)" if url == DEFAULT_STORAGE else ""
+            raise SearchError(f"storage={url}{default}: no such database file "
+                              f"{str(path)!r}; {hint or 'pass the storage= that search.run used.'}")
+        try:
+            check_writable(path.resolve().parent, "storage", url)
+        except SearchError:
+            url = f"sqlite:///file:{path.resolve()}?immutable=1&uri=true"
+    else:
+        check_storage(url)
+    try:
+        storage = optuna.storages.RDBStorage(url, skip_table_creation=True)
+        optuna.get_all_study_names(storage)  # reads the schema: is it an Optuna storage?
+        return storage
+    except Exception as error:  # noqa: BLE001 - any driver/schema error: not a usable storage
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SearchError(f"storage={url}: cannot be read as an Optuna storage ({reason}).") from None
+
+
 def make_storage(url: str) -> optuna.storages.BaseStorage:
     storage = optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS,
-                                         grace_period=GRACE_SECONDS)
+                                         grace_period=GRACE_SECONDS,
+                                         heartbeat_stale_trial_callback=retry)
     if storage.engine.dialect.name == "sqlite":
         # Every suggested parameter, report and attribute is a commit; in SQLite's default
         # rollback-journal mode each one waits on several disk syncs (about half of a trial's
@@ -150,19 +217,27 @@ def existing_study_id(storage: optuna.storages.BaseStorage, name: str) -> int | 
         return None
 
 
-def check_resume(config: StudyConfig, storage: optuna.storages.BaseStorage) -> bool:
-    """True when the study exists; refuses (before any change) when its config differs."""
-    study_id = existing_study_id(storage, config.study_name)
+def check_resume(config: StudyConfig) -> bool:
+    """True when the study exists; refuses when its config differs. Reads only: a new study's
+    storage is not created here."""
+    path = sqlite_path(config.storage)
+    if path is not None and not path.exists():
+        return False
+    try:
+        storage = optuna.storages.RDBStorage(config.storage, skip_table_creation=True)
+        study_id = existing_study_id(storage, config.study_name)
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError):
+        return False  # no Optuna tables yet: a new storage
     if study_id is None:
         return False
     stored = storage.get_study_user_attrs(study_id).get("fingerprint_source")
     current = json.loads(json.dumps(config.fingerprint_source(), default=str))
     if stored is not None and stored != current:
         changes = _differences(stored, current)
-        shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+        listed = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
         raise SearchError(
             f"study '{config.study_name}' in {config.storage} was created with a different config "
-            f"({shown}). Resuming would mix incomparable trials: rerun with the original values to "
+            f"({listed}). Resuming would mix incomparable trials: rerun with the original values to "
             f"resume it, or add study_name=NEW_NAME to start a new study.")
     return True
 
@@ -172,8 +247,8 @@ def open_study(config: StudyConfig) -> tuple[optuna.Study, bool]:
 
     Returns the study and whether it was resumed.
     """
+    resumed = check_resume(config)
     storage = make_storage(config.storage)
-    resumed = check_resume(config, storage)
     study = optuna.create_study(storage=storage, study_name=config.study_name,
                                 direction="maximize", sampler=make_sampler(config),
                                 pruner=make_pruner(config), load_if_exists=True)

@@ -55,7 +55,7 @@ from optuna.trial import TrialState
 from search.config import DEFAULT_TRACKING_URI, StudyConfig, to_yaml
 from search.errors import SearchError
 from search.records import EpochMetrics, FinalRun
-from search.study import write_ahead_log
+from search.study import check_writable, write_ahead_log
 from search.trainer import resolve_device
 
 ROLE_TAG = "search.role"                  # "study" on the parent run, "trial" on child runs
@@ -143,15 +143,17 @@ def _reason(error: BaseException) -> str:
     return (text[:300] + "...") if len(text) > 300 else (text or type(error).__name__)
 
 
-def check_tracking(uri: str) -> None:
+def check_tracking(uri: str, experiment: str | None = None) -> None:
     """Fails with a `SearchError` when the MLflow tracking store at `uri` cannot be used.
 
-    Called before the study is opened, so an unreachable server stops the run before any trial.
-    The default SQLite store's folder is created; its tables are created on first use.
+    Called before the study is opened, so an unreachable server stops the run before any trial;
+    it writes nothing (a new SQLite store is created on first use, after the study). The default
+    SQLite store's folder is created.
 
     Raises:
         SearchError: the URI is a plain directory (MLflow 3's file store is not supported), its
-            folder does not exist, or the server does not answer.
+            folder does not exist or cannot be written, the server does not answer, or the
+            study's experiment (`experiment`) is deleted there.
     """
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # not "Creating initial tables..."
     off = " Add tracking_uri=none to run the study without MLflow logging."
@@ -164,23 +166,32 @@ def check_tracking(uri: str) -> None:
     database = _sqlite_path(uri)
     if database is not None:
         folder = database.resolve().parent
-        if uri == DEFAULT_TRACKING_URI:
-            folder.mkdir(parents=True, exist_ok=True)
-        elif not folder.is_dir():
-            raise SearchError(f"tracking_uri={uri}: the folder {folder} does not exist." + off)
+        try:
+            if uri == DEFAULT_TRACKING_URI:
+                folder.mkdir(parents=True, exist_ok=True)
+            elif not folder.is_dir():
+                raise SearchError(f"tracking_uri={uri}: the folder {folder} does not exist.")
+            check_writable(folder, "tracking_uri", uri, database)
+        except (SearchError, OSError) as error:
+            raise SearchError(f"{error}{off}") from None
+        if not database.exists():
+            return
     try:
         # One quick try: no retries, a short timeout (read when the request is made).
-        with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10"), \
-                _store_lock(database):
-            if database is not None:  # each run's and metric's commit then skips disk syncs
-                with contextlib.closing(sqlite3.connect(database)) as connection:
-                    write_ahead_log(connection)
-            MlflowClient(uri).search_experiments(max_results=1)
+        with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10"):
+            client = MlflowClient(uri)
+            found = (client.get_experiment_by_name(experiment) if experiment
+                     else client.search_experiments(max_results=1) and None)
     except Exception as error:  # noqa: BLE001 - any failure here means "cannot log there"
         hint = (" Start it (e.g. `mlflow server --backend-store-uri sqlite:///mlflow.db "
                 "--host 127.0.0.1 --port 5000`) or fix the URL." if is_http(uri) else "")
         raise SearchError(f"tracking_uri={uri}: cannot reach the MLflow tracking store "
                           f"({_reason(error)}).{hint}{off}") from None
+    if found is not None and found.lifecycle_stage != "active":
+        raise SearchError(
+            f"study_name={experiment}: the MLflow experiment '{experiment}' in {uri} is deleted. "
+            f"Restore it (mlflow experiments restore --experiment-id {found.experiment_id}), "
+            "purge it (mlflow gc), use another study_name, or add tracking_uri=none.")
 
 
 # ---------------------------------------------------------------- facts about this process
@@ -246,9 +257,14 @@ class StudyRun:
         self.client = client or MlflowClient(config.tracking_uri)
         self.enabled = True
         self.seconds = 0.0
+        database = _sqlite_path(config.tracking_uri)
         try:
-            self.experiment_id = self._experiment_id()
-        except MlflowException as error:  # e.g. a server that refuses us (permissions)
+            with _store_lock(database):  # the first use of a new store creates its tables
+                if database is not None:  # each run's and metric's commit then skips disk syncs
+                    with contextlib.closing(sqlite3.connect(database)) as connection:
+                        write_ahead_log(connection)
+                self.experiment_id = self._experiment_id()
+        except Exception as error:  # noqa: BLE001 - a server that refuses us, a broken file
             raise SearchError(f"tracking_uri={config.tracking_uri}: cannot open the experiment "
                               f"'{config.study_name}' ({_reason(error)}). Add tracking_uri=none "
                               "to run without MLflow logging.") from None

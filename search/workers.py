@@ -32,9 +32,9 @@ import optuna
 
 from search.cli import main_guard
 from search.config import load_config
-from search.objective import StopSignal
+from search.objective import StopSignal, storage_cause
 from search.progress import TrialLines
-from search.session import Session
+from search.session import Session, storage_failure
 
 WORKER_FLAG = "--worker"
 STOP_GRACE_SECONDS = 60  # how long an interrupted worker may take to mark its trial FAIL
@@ -97,15 +97,22 @@ def worker_main(argv: list[str]) -> int:
     stop.install()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    config = load_config(argv[4:])
     try:
-        session = Session.join(load_config(argv[4:]), index)
+        session = Session.join(config, index)
         try:
             session.run_trials(stop, [TrialLines(index, session.config.n_trials)], since=since,
                                parent_pid=parent_pid)
         finally:
             session.close()
     except KeyboardInterrupt:  # stopped by the main process, maybe before its first trial
-        return 130
+        return stop.exit_status
+    except Exception as error:
+        cause = storage_cause(error)
+        if cause is None:
+            raise
+        print(f"[worker {index}] {storage_failure(config, cause)}", file=sys.stderr)
+        return 1
     return 0
 
 

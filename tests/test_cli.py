@@ -11,9 +11,8 @@ from pathlib import Path
 
 import optuna
 import pytest
-from optuna.trial import TrialState
-
 from conftest import TINY, cli_env, load, run_cli
+from optuna.trial import TrialState
 
 pytestmark = pytest.mark.slow  # every test here runs the command in a subprocess
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -106,7 +105,12 @@ def test_dry_run_builds_both_extremes_and_writes_nothing(tmp_path, storage):
     assert not Path(storage.removeprefix("sqlite:///")).exists()
 
 
-def test_sigint_then_rerun_completes_without_lost_or_duplicated_trials(tmp_path, storage):
+@pytest.mark.parametrize("signum, status, reason", [
+    (signal.SIGINT, 130, "interrupted by the user (Ctrl-C)"),
+    (signal.SIGTERM, 143, "SIGTERM"),
+])
+def test_a_stop_signal_then_rerun_completes_without_lost_or_duplicated_trials(
+        tmp_path, storage, signum, status, reason):
     args = ["study=cnn3", *TINY, f"storage={storage}", "epochs=3", "n_trials=4", "pruner=none"]
     process = subprocess.Popen([sys.executable, "-m", "search.run", *args], cwd=tmp_path,
                                env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -120,14 +124,14 @@ def test_sigint_then_rerun_completes_without_lost_or_duplicated_trials(tmp_path,
         if any(t.state in FINISHED for t in trials) and any(t.state == TrialState.RUNNING for t in trials):
             break
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     out, err = process.communicate(timeout=60)
-    assert process.returncode == 130, err
+    assert process.returncode == status, err
     assert "Rerun the same command to resume" in err and "Traceback" not in err
     interrupted = load(storage).trials
     assert not [t for t in interrupted if t.state == TrialState.RUNNING]
     failed = [t for t in interrupted if t.state == TrialState.FAIL]
-    assert len(failed) == 1 and "interrupted" in failed[0].user_attrs["fail_reason"]
+    assert len(failed) == 1 and reason in failed[0].user_attrs["fail_reason"]
 
     rerun = run_cli("search.run", *args, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr

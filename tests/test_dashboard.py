@@ -14,9 +14,9 @@ from optuna.trial import TrialState
 from werkzeug.test import Client
 
 from search import dashboard
+from search.artifacts import DashboardArtifacts, artifact_dir, artifact_store, study_note
 from search.cli import main_guard
 from search.config import load_config
-from search.artifacts import DashboardArtifacts, artifact_dir, artifact_store, study_note
 from search.records import EpochMetrics
 
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
@@ -128,7 +128,7 @@ def test_command_starts_the_dashboard_with_the_artifact_store(small_study, monke
 
 
 @pytest.mark.parametrize("args, message", [
-    (["study_name=nope"], "no such study in"),
+    (["study_name=nope"], "no study named 'nope' in"),
     (["port=http"], "port=http: expected a port number"),
 ])
 def test_command_errors_are_one_clear_line(small_study, capsys, args, message):
@@ -140,7 +140,7 @@ def test_command_errors_are_one_clear_line(small_study, capsys, args, message):
 def test_command_refuses_a_missing_storage_without_creating_it(tmp_path, capsys):
     storage = f"sqlite:///{tmp_path}/missing.db"
     assert main_guard(dashboard.main, ["study=cnn3", f"storage={storage}"]) == 2
-    assert "no such file" in capsys.readouterr().err
+    assert "no such database file" in capsys.readouterr().err
     assert not (tmp_path / "missing.db").exists()
 
 

@@ -278,13 +278,21 @@ def test_fashion_mnist_found_in_subdirectories(tmp_path: Path, subdir: str) -> N
     np.testing.assert_array_equal(loaded.labels.numpy(), labels)
 
 
-def test_fashion_mnist_falls_back_to_system_dir(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_only_the_default_data_dir_falls_back_to_the_system_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     system = tmp_path / "usr-share"
     _write_fashion(system, train=True, n=3, compress=True)
     monkeypatch.setattr(data_module, "FASHION_MNIST_SYSTEM_DIR", system)
-    assert len(load_split("fashion_mnist", tmp_path / "empty", train=True, download=False)) == 3
+    monkeypatch.chdir(tmp_path)
+    assert len(load_split("fashion_mnist", "data", train=True, download=False)) == 3
+    assert f"fashion_mnist from {system}" in capsys.readouterr().err  # which copy is used
+    # A data_dir that was given, with a file missing, is refused: not swapped for the system's.
+    given = tmp_path / "mine"
+    _write_fashion(given, train=True, n=5, compress=True)
+    (given / "train-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(SearchError, match="used only with the default data_dir"):
+        load_split("fashion_mnist", given, train=True, download=False)
 
 
 def test_fashion_mnist_missing_names_directories_and_apt(tmp_path: Path, no_network: list) -> None:
@@ -293,7 +301,6 @@ def test_fashion_mnist_missing_names_directories_and_apt(tmp_path: Path, no_netw
     message = str(error.value)
     assert "train-images-idx3-ubyte" in message
     assert str(tmp_path / "FashionMNIST" / "raw") in message
-    assert str(tmp_path / "no-system-dir") in message
     assert "apt-get install dataset-fashion-mnist" in message
     assert no_network == [("FashionMNIST", tmp_path, True)]
 
@@ -318,7 +325,8 @@ def test_real_fashion_mnist_test_split(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(
         data_module, "FASHION_MNIST_SYSTEM_DIR", Path("/usr/share/datasets/fashion-mnist")
     )
-    test = load_split("fashion_mnist", tmp_path, train=False, download=False)
+    monkeypatch.chdir(tmp_path)  # the default data_dir, empty: the system's copy is used
+    test = load_split("fashion_mnist", "data", train=False, download=False)
     assert test.images.shape == (10000, 1, 28, 28)
     assert test.labels.bincount().tolist() == [1000] * 10
 

@@ -245,11 +245,11 @@ def test_unknown_activation_lists_allowed(name: str) -> None:
     [
         ("cnn3", {"kernel_size_2": 4}, r"\[3, 5, 7\]"),
         ("resnet20", {"stem_kernel_size": 9}, r"\[3, 5, 7\]"),
-        ("cnn3", {"width_1": 0}, ">= 1"),
-        ("cnn3", {"hidden_2": -1}, ">= 0"),
+        ("cnn3", {"width_1": 0}, r"\[1, 4096\]"),
+        ("cnn3", {"hidden_2": -1}, r"\[0, 16384\]"),
         ("cnn3", {"dropout": 1.0}, r"\[0, 1\)"),
         ("cnn3", {"batch_norm": "false"}, "true or false"),
-        ("resnet20", {"width_multiplier": 0}, "positive"),
+        ("resnet20", {"width_multiplier": 0}, r"\(0, 16\]"),
     ],
 )
 def test_bad_parameter_values_are_refused(name: str, params: dict[str, Any], fragment: str) -> None:

@@ -15,12 +15,12 @@ from pathlib import Path
 import matplotlib.image
 import optuna
 import pytest
+from conftest import SMALL_CNN, one_thread, run_cli
 from optuna.trial import TrialState
 
-from conftest import SMALL_CNN, one_thread, run_cli
 from search.cli import main_guard
-from search.report import data as report_data
 from search.report import StudyReport, open_source, write_comparison
+from search.report import data as report_data
 from search.report.__main__ import main as report_main
 from search.report.__main__ import split_studies
 from search.report.render import Table, format_cell, to_markdown

@@ -8,16 +8,16 @@ import optuna
 import pytest
 import sqlalchemy
 import torch
+from conftest import TINY
 from optuna.trial import TrialState
 
-from conftest import TINY
 from search import objective as objective_module
 from search.config import load_config
-from search.errors import SearchError
-from search.space import suggest
 from search.data import load_search_data
+from search.errors import SearchError
 from search.objective import Objective, TrialFailed
 from search.records import repeat_seed, trial_seed
+from search.space import suggest
 from search.study import check_resume, check_storage, make_pruner, make_storage, open_study
 
 
@@ -43,13 +43,13 @@ def test_changed_config_is_refused_and_storage_untouched(storage):
     changed = config_for(storage, "epochs=3", "space.lr.high=0.05")
     before = optuna.load_study(study_name="cnn3", storage=storage).user_attrs
     with pytest.raises(SearchError) as caught:
-        check_resume(changed, make_storage(storage))
+        check_resume(changed)
     message = str(caught.value)
     assert "epochs: 2 -> 3" in message and "space.lr.high: 0.3 -> 0.05" in message
     assert "study_name=" in message
     assert optuna.load_study(study_name="cnn3", storage=storage).user_attrs == before
     # n_trials and timeout are not part of what a trial means: resuming with new ones is fine.
-    assert check_resume(config_for(storage, "n_trials=50", "timeout=9"), make_storage(storage))
+    assert check_resume(config_for(storage, "n_trials=50", "timeout=9"))
 
 
 def test_storage_errors(tmp_path):
@@ -159,6 +159,23 @@ def test_out_of_memory_fails_alone_and_the_study_goes_on(storage, monkeypatch):
     study = _run(config_for(storage), 2)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert study.trials[0].user_attrs["fail_reason"].startswith("out of memory")
+
+
+def test_a_combination_that_cannot_be_built_fails_alone(storage, monkeypatch, capsys):
+    real_train = objective_module.train
+    calls = []
+
+    def train_that_cannot_build_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # what build_model raises for a feature map shrunk to nothing
+            raise SearchError("cnn3 needs images of at least 8x8 (three 2x2 max-pools)")
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(objective_module, "train", train_that_cannot_build_once)
+    study = _run(config_for(storage), 2)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert study.trials[0].user_attrs["fail_reason"].startswith("SearchError: cnn3 needs images")
+    assert "the study goes on" in capsys.readouterr().err
 
 
 def test_complete_trial_records_its_facts(storage):

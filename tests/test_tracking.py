@@ -12,19 +12,25 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import SMALL_CNN, finish, free_port, start_cli
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import SMALL_CNN, finish, free_port, start_cli
+from search.artifacts import DashboardArtifacts
 from search.cli import main_guard
 from search.config import load_config
-from search.artifacts import DashboardArtifacts
 from search.errors import SearchError
 from search.records import EpochMetrics, FinalRun
 from search.run import main as run_main
 from search.session import make_observers
-from search.tracking import (PARENT_RUN_ATTR, RUN_ID_ATTR, StudyRun, TrialLogger,
-                             check_tracking, final_run_logger)
+from search.tracking import (
+    PARENT_RUN_ATTR,
+    RUN_ID_ATTR,
+    StudyRun,
+    TrialLogger,
+    check_tracking,
+    final_run_logger,
+)
 
 # MLflow's own SQLAlchemy store warns about itself; nothing here to act on.
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")

@@ -8,11 +8,11 @@ import re
 import optuna
 import pytest
 import torch
+from conftest import SMALL_CNN, one_thread
 from optuna.trial import TrialState
 
 from search.cli import main_guard
 from search.config import load_config
-from conftest import SMALL_CNN, one_thread
 from search.data import load_search_data
 from search.objective import Objective
 from search.retrain import retrain_trial

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import TINY, load, run_cli
 from optuna.trial import TrialState
 
-from conftest import TINY, load, run_cli
 from search.config import load_config
 from search.objective import StopSignal, TrialFailed
 from search.session import run_reserved

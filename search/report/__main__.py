@@ -17,6 +17,7 @@ from search.report.compare import write_comparison
 from search.report.compose import ReportOptions, write_report
 from search.retrain import FinalRunHook
 from search.source import LOCATION_KEYS, open_source
+from search.study import check_writable
 
 SUMMARY = ("Reads a study from its storage (finished, running or interrupted) and writes "
            "reports/<study_name>/: report.md, a self-contained report.html, trials.csv and the "
@@ -70,6 +71,15 @@ def split_studies(overrides: dict[str, Any]) -> list[dict[str, Any]]:
             for study, name in zip(studies, names)]
 
 
+def _writable_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SearchError(f"out={out}: cannot create the report folder ({error.strerror or error});"
+                          " point out= at a folder that can be written.") from None
+    check_writable(out, "out", str(out))
+
+
 def final_run_hook(source) -> FinalRunHook | None:
     """Final runs go to MLflow (tagged as final evaluations) when the study's tracking is on."""
     if not source.config.tracking_enabled:
@@ -87,8 +97,10 @@ def main(argv: list[str]) -> int:
     options = parse_options(overrides)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    # Open every study first, so a typo in the second name fails before any work is done.
+    # Open every study and the output folder first, so a typo in the second name or a folder
+    # that cannot be written fails before any work (retraining takes hours) is done.
     sources = [open_source(locations) for locations in split_studies(overrides)]
+    _writable_out(options.out)
     reports = []
     for source in sources:
         report = write_report(source, options, on_final_run=final_run_hook(source) if options.retrain else None)
