@@ -30,6 +30,7 @@ from search.config import DEFAULT_TRACKING_URI, StudyConfig
 from search.curves import CurveDrawer
 from search.params import PARAMS
 from search.records import EpochMetrics, trial_seed
+from search.stores import masked
 
 ARTIFACT_DIR_NAME = "optuna-artifacts"
 
@@ -93,7 +94,7 @@ def study_note(config: StudyConfig) -> str:
         "",
         "### MLflow runs",
         "",
-        f"Experiment `{config.study_name}`. " + mlflow_hint(config.tracking_uri) + " Trial 7 is "
+        f"Experiment `{config.study_name}`. " + mlflow_hint(masked(config.tracking_uri)) + " Trial 7 is "
         "the run `trial-0007`, nested under the study's run "
         f"`study-{config.study_name}`; its run id is the trial's user attribute `mlflow_run_id`.",
     ]
@@ -101,12 +102,14 @@ def study_note(config: StudyConfig) -> str:
 
 
 def trial_config(config: StudyConfig, number: int, state: TrialState, params: dict[str, Any],
-                 attrs: dict[str, Any]) -> dict[str, Any]:
-    """Everything needed to rerun one trial: the study's fixed choices and the trial's values."""
+                 attrs: dict[str, Any], seed: int | None = None) -> dict[str, Any]:
+    """Everything needed to rerun one trial: the study's fixed choices and the trial's values
+    (`seed`: the one the trial recorded; a retry keeps the seed of the trial it repeats)."""
     return {
         "study_name": config.study_name, "trial": number, "state": state.name,
         "model": config.model, "dataset": config.dataset, "epochs": config.epochs,
-        "seed": trial_seed(config.seed, number), "study_seed": config.seed,
+        "seed": trial_seed(config.seed, number) if seed is None else seed,
+        "study_seed": config.seed,
         "val_size": config.val_size, "params": dict(params),
         "results": {k: v for k, v in attrs.items()},
     }
@@ -177,7 +180,8 @@ class DashboardArtifacts:
                 self.drawer.draw([asdict(m) for m in history], title, self.folder / artifact_id)
             config_path = stem.with_name(stem.name + "-config.yaml")
             config_path.write_text(yaml.safe_dump(
-                trial_config(self.config, trial.number, state, params, attrs), sort_keys=False))
+                trial_config(self.config, trial.number, state, params, attrs,
+                             trial.user_attrs.get("seed")), sort_keys=False))
             # text/plain, not the guessed application/yaml: browsers show it, not download it
             upload_artifact(artifact_store=self.store, file_path=str(config_path),
                             study_or_trial=trial, mimetype="text/plain")

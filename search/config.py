@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -29,6 +30,7 @@ from search.data import DATASETS, DEFAULT_DATA_DIR
 from search.errors import SearchError, shown
 from search.params import MODELS
 from search.space import ParamSpec, check_baseline, parse_space
+from search.stores import masked
 
 SAMPLERS = ("tpe", "random", "gp")
 PRUNERS = ("hyperband", "median", "successive_halving", "patient", "none")
@@ -93,6 +95,26 @@ def optional(check: Check) -> Check:
     return lambda key, value: None if value is None else check(key, value)
 
 
+def study_names(key: str, value: Any) -> tuple[str, ...]:
+    """`name` or `[a, b]` (or `a,b`) -> names of studies."""
+    names = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else None
+    if not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise _fail(key, value, "a study name or a list of them, e.g. [cnn3-fast, cnn3-wide]")
+    return tuple(n.strip() for n in names)
+
+
+def gpu_list(key: str, value: Any) -> tuple[int, ...]:
+    """`[0,1]` or `0,1` (or one id) -> (0, 1): distinct GPU ids."""
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+    try:
+        ids = tuple(int(str(item).strip()) for item in items if not isinstance(item, bool))
+    except ValueError:
+        ids = ()
+    if not ids or len(ids) != len(items) or min(ids) < 0 or len(set(ids)) != len(ids):
+        raise _fail(key, value, "distinct GPU ids >= 0, e.g. gpus=[0,1] or gpus=0,1")
+    return ids
+
+
 def device_name(key: str, value: Any) -> str:
     if not (isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?", value)):
         raise SearchError(f"{key}={shown(value)}: unknown device; allowed: auto, cpu, cuda, cuda:N.")
@@ -128,14 +150,32 @@ SETTINGS: dict[str, Setting] = {
     "device": Setting("auto", "auto | cpu | cuda | cuda:N (auto: CUDA when present)",
                       device_name),
     "workers": Setting(1, "trial processes run at once against the same storage",
-                       whole(1, what="a whole number of processes")),
-    "storage": Setting(None, f"Optuna storage URL (default: {DEFAULT_STORAGE})",
+                       whole(1, 4096, what="a whole number of processes")),
+    "gpus": Setting(None, "GPUs to place trial processes on, e.g. gpus=[0,1] or gpus=0,1: "
+                          "workers_per_gpu processes each, with CUDA_VISIBLE_DEVICES set",
+                    optional(gpu_list)),
+    "workers_per_gpu": Setting(1, "trial processes per GPU with gpus= (default: 1)",
+                               whole(1, 64, what="a whole number of processes")),
+    "storage": Setting(None, f"Optuna storage URL (default: $SEARCH_STORAGE, else "
+                             f"{DEFAULT_STORAGE})",
                        optional(text("an Optuna storage URL such as sqlite:///path/to.db"))),
     "study_name": Setting(None, "name in the storage (default: the study file's name)",
                           optional(text("a non-empty name"))),
-    "tracking_uri": Setting(DEFAULT_TRACKING_URI, f"MLflow tracking URI (default: "
+    "tracking_uri": Setting(None, f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                             f"{DEFAULT_TRACKING_URI}); none = off",
-                            text("an MLflow tracking URI or 'none'")),
+                            optional(text("an MLflow tracking URI or 'none'"))),
+    "max_params": Setting(None, "size budget: a sampled model with more parameters is never "
+                                "trained and does not count toward n_trials; the sampler learns "
+                                "to avoid it (default: none)",
+                          optional(whole(1, what="a whole number of parameters"))),
+    "warm_start": Setting(None, "other studies in the same storage whose best configurations "
+                                "run first in a new study, e.g. warm_start=cnn3-fast or "
+                                "warm_start=[a,b]", optional(study_names)),
+    "warm_start_top_k": Setting(3, "configurations taken from each warm_start study (default: 3)",
+                                whole(1, 1000, what="a whole number of configurations")),
+    "checkpoint_every": Setting(30, "seconds between checkpoints of a running trial, from which "
+                                "its retry resumes if its process dies (0: every epoch; null: "
+                                "none)", optional(whole(0, what="a whole number of seconds"))),
     "dry_run": Setting(False, "true: build the smallest and largest model, push one batch, stop",
                        flag),
     "sampler": Setting(None, " | ".join(SAMPLERS) + "   (sampler.n_startup_trials=N)"),
@@ -194,9 +234,15 @@ class StudyConfig:
     seed: int
     device: str
     workers: int
+    gpus: tuple[int, ...] | None
+    workers_per_gpu: int
     storage: str
     study_name: str
     tracking_uri: str
+    max_params: int | None
+    warm_start: tuple[str, ...] | None
+    warm_start_top_k: int
+    checkpoint_every: int | None
     dry_run: bool
     sampler: SamplerConfig
     pruner: PrunerConfig
@@ -302,14 +348,21 @@ def valid_keys(tree: dict[str, Any]) -> list[str]:
                 keys.append(f"space.{name}")
                 if isinstance(entry, dict):
                     keys += [f"space.{name}.{f}" for f in ("type", "low", "high", "log", "step",
-                                                          "choices", "when")]
+                                                          "choices", "when", "ranges")]
+                    ranges = entry.get("ranges")
+                    for parent, per_value in (ranges.items() if isinstance(ranges, dict) else ()):
+                        keys += [f"space.{name}.ranges.{parent}"]
+                        if isinstance(per_value, dict):
+                            keys += [f"space.{name}.ranges.{parent}.{v}" for v in per_value]
     return keys
 
 
 def _check_key(key: str, tree: dict[str, Any]) -> None:
     keys = valid_keys(tree)
-    if key in keys:
-        return
+    parts = key.split(".")
+    if key in keys or (len(parts) in (4, 5) and parts[0] == "space" and parts[2] == "ranges"
+                       and isinstance(tree["space"].get(parts[1]), dict)):
+        return  # a range for a value not listed yet: space.lr.ranges.optimizer.adamw=[...]
     head = key.split(".")[0]
     if head == "space" and key.count(".") >= 1:
         name = key.split(".")[1]
@@ -393,7 +446,16 @@ def build_config(tree: dict[str, Any]) -> StudyConfig:
     space = parse_space(tree["space"], values["model"])
     baselines, skipped = _check_baselines(tree["baselines"], space)
     values["study_name"] = values["study_name"] or tree["study"]
-    values["storage"] = values["storage"] or DEFAULT_STORAGE
+    # URLs with credentials can stay out of the command line (and shell history).
+    values["storage"] = values["storage"] or os.environ.get("SEARCH_STORAGE") or DEFAULT_STORAGE
+    values["tracking_uri"] = (values["tracking_uri"] or os.environ.get("MLFLOW_TRACKING_URI")
+                              or DEFAULT_TRACKING_URI)
+    if values["gpus"] is not None:
+        slots = len(values["gpus"]) * values["workers_per_gpu"]
+        if values["workers"] not in (1, slots):
+            raise SearchError(f"workers={values['workers']}: with gpus= the number of processes "
+                              f"is len(gpus) x workers_per_gpu = {slots}; leave workers out.")
+        values["workers"] = slots
     return StudyConfig(study=tree["study"], **values, sampler=sampler, pruner=pruner, space=space,
                        baselines=baselines, skipped_baselines=skipped, raw=tree)
 
@@ -415,8 +477,15 @@ def load_config(args: list[str], default_study: str | None = None) -> StudyConfi
     return build_config(resolve_tree(parse_overrides(args), default_study))
 
 
+def shown_tree(config: StudyConfig) -> dict[str, Any]:
+    """The resolved tree as it may be shown and stored: names and URLs resolved, passwords in
+    URLs masked (the study's user attributes, config.yaml and --cfg are readable by others)."""
+    tree = dict(config.raw)
+    tree["study_name"] = config.study_name
+    tree["storage"], tree["tracking_uri"] = masked(config.storage), masked(config.tracking_uri)
+    return tree
+
+
 def to_yaml(config: StudyConfig) -> str:
     """The resolved config as YAML, for --cfg and as a tracked artifact."""
-    tree = dict(config.raw)
-    tree["study_name"], tree["storage"] = config.study_name, config.storage
-    return yaml.safe_dump(tree, sort_keys=False)
+    return yaml.safe_dump(shown_tree(config), sort_keys=False)

@@ -14,6 +14,7 @@ from search.cli import help_text, main_guard
 from search.config import load_config
 from search.errors import SearchError
 from search.source import load_stored_study
+from search.stores import masked
 
 SERVER_KEYS = {"port": 8080, "host": "127.0.0.1"}
 KEY_HELP = {
@@ -58,7 +59,7 @@ def main(argv: list[str]) -> int:
     _, storage = load_stored_study(config.storage, config.study_name)
     study_id = storage.get_study_id_from_name(config.study_name)
     folder = artifact_dir(config.storage)
-    print(f"optuna-dashboard for study '{config.study_name}' in {config.storage} "
+    print(f"optuna-dashboard for study '{config.study_name}' in {masked(config.storage)} "
           f"(artifacts: {folder}):\n  http://{options['host']}:{options['port']}/dashboard/"
           f"studies/{study_id}\nCtrl-C stops it.", flush=True)
     try:

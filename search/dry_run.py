@@ -34,10 +34,11 @@ def extreme_params(space: Sequence[ParamSpec], largest: bool) -> dict[str, Any]:
             else:
                 params[spec.name] = spec.choices[0]
         else:
+            low, high = spec.bounds(params)
             if sized:
-                value = spec.high if largest else spec.low
+                value = high if largest else low
             else:  # a middle value: the extremes of lr or dropout say nothing about size
-                value = (spec.low * spec.high) ** 0.5 if spec.log else (spec.low + spec.high) / 2
+                value = (low * high) ** 0.5 if spec.log else (low + high) / 2
             params[spec.name] = int(round(value)) if spec.kind == "int" else value
     return params
 
@@ -63,7 +64,7 @@ def check_model(model_name: str, params: dict[str, Any], spec: DatasetSpec,
     except RuntimeError as error:
         raise SearchError(f"dry run: the model with {params} cannot train on "
                           f"{spec.name} at batch size {batch_size}: {str(error).splitlines()[0]}") from None
-    report = {"parameter_count": count_parameters(model), "loss": float(loss)}
+    report = {"parameter_count": count_parameters(model), "loss": loss.item()}
     if device.type == "cuda":
         report["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return report

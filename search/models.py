@@ -333,6 +333,13 @@ def build_model(
     return _BUILDERS[name](params, in_channels, image_size, num_classes)
 
 
+def model_size(name: str, params: Mapping[str, Any], spec: Any) -> int:
+    """The trainable parameters of the model `params` describe, for a data set's `spec`
+    (`search.data.DatasetSpec`), without training it."""
+    return count_parameters(build_model(name, params, in_channels=spec.channels,
+                                        image_size=spec.image_size, num_classes=spec.num_classes))
+
+
 def count_parameters(model: nn.Module) -> int:
     """The number of trainable parameters, the size reported per trial."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -17,10 +17,13 @@ import optuna
 import sqlalchemy
 import torch
 
+from search.checkpoints import Checkpoints
 from search.config import StudyConfig
+from search.models import model_size
 from search.data import SearchData
 from search.records import EpochMetrics, best_of, trial_seed
 from search.space import suggest
+from search.study import OVER_BUDGET_ATTR
 from search.trainer import TrainingDiverged, train
 
 
@@ -119,8 +122,10 @@ class Objective:
     """
 
     def __init__(self, config: StudyConfig, data: SearchData, device: torch.device,
-                 observers: Sequence[TrialObserver] = (), stop: StopSignal | None = None) -> None:
+                 observers: Sequence[TrialObserver] = (), stop: StopSignal | None = None,
+                 checkpoints: Checkpoints | None = None) -> None:
         self.stop = stop
+        self.checkpoints = checkpoints
         self.config = config
         self.data = data
         self.device = device
@@ -152,11 +157,30 @@ class Objective:
             for observer in self.observers:
                 observer.trial_started(trial, params)
                 observing.append(observer)
+            budget = self.config.max_params
+            size = model_size(self.config.model, params, self.data.spec) if budget else 0
+            if budget and size > budget:
+                # Never trained, and not counted toward n_trials (see search.study.counts).
+                attrs = {OVER_BUDGET_ATTR: size, "parameter_count": size, "epochs_run": 0}
+                state = optuna.trial.TrialState.PRUNED
+                _record(trial, attrs)
+                raise optuna.TrialPruned(f"{size:,} parameters, over max_params")
+            # A retry of a dead trial keeps its seed, and goes on from its last checkpoint.
+            seed = trial.user_attrs.get("seed", trial_seed(self.config.seed, trial.number))
+            trial.set_user_attr("seed", seed)
+            resume = self.checkpoints.resume_state(trial) if self.checkpoints else None
+            for metrics in map(lambda m: EpochMetrics(**m), resume["history"] if resume else ()):
+                history.append(metrics)  # the epochs trained before, reported again
+                trial.report(metrics.val_accuracy, metrics.epoch)
+                for observer in self.observers:
+                    observer.epoch_ended(trial, metrics)
             result = train(self.config.model, params, train_data=self.data.train,
                            val_data=self.data.val, spec=self.data.spec, epochs=self.config.epochs,
-                           seed=trial_seed(self.config.seed, trial.number), device=self.device,
-                           on_epoch=on_epoch)
+                           seed=seed, device=self.device, on_epoch=on_epoch, resume_from=resume,
+                           checkpoint=self.checkpoints.saver(trial) if self.checkpoints else None)
             attrs = _summary(history, result.parameter_count, time.perf_counter() - started)
+            if resume:
+                attrs["resumed_from_epoch"] = resume["epoch"]
             if result.stopped_early:
                 attrs["pruned_at_epoch"] = history[-1].epoch
                 state = optuna.trial.TrialState.PRUNED
@@ -165,7 +189,10 @@ class Objective:
             state = optuna.trial.TrialState.COMPLETE
             _record(trial, attrs)
             return history[-1].val_accuracy
-        except (optuna.TrialPruned, *STORAGE_ERRORS):
+        except optuna.TrialPruned:
+            raise
+        except STORAGE_ERRORS:
+            state = optuna.trial.TrialState.RUNNING  # as it stays: its retry needs the checkpoint
             raise
         except KeyboardInterrupt:
             if self.stop is not None:
@@ -182,6 +209,8 @@ class Objective:
                 self.stop.leave_trial()
             for observer in observing:
                 observer.trial_finished(trial, state, params, attrs, history)
+            if self.checkpoints is not None and state != optuna.trial.TrialState.RUNNING:
+                self.checkpoints.discard(trial)
 
     def _fail(self, trial: optuna.Trial, history: list[EpochMetrics], reason: str,
               started: float) -> dict[str, Any]:
@@ -219,6 +248,8 @@ def _summary(history: list[EpochMetrics], parameter_count: int | None, seconds: 
     if history:
         attrs["seconds_per_epoch"] = sum(m.epoch_seconds for m in history) / len(history)
         attrs["images_per_second"] = sum(m.images_per_second for m in history) / len(history)
+        # Every epoch's metrics, so that MLflow runs can be rebuilt from the study (`search.sync`).
+        attrs["epochs"] = [{"epoch": m.epoch, **m.as_dict()} for m in history]
     return attrs
 
 

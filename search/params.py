@@ -133,6 +133,9 @@ _ALL = (
           choices=("none", "cosine", "step")),
     Param("step_size", "int", "epochs between decays of the step schedule", low=1, high=100_000),
     Param("gamma", "float", "decay factor of the step schedule", low=0.0, low_open=True, high=1.0),
+    Param("decoupled", "bool", "airbench94's parametrisation: lr and weight_decay are per 1024 "
+          "examples, so lr is scaled by batch_size/1024 and the decay per step does not depend "
+          "on lr; the knobs then barely interact"),
     Param("augment", "bool", "random 4-pixel crops and horizontal flips"),
     _unit("label_smoothing", "label smoothing of the cross-entropy loss"),
     *(Param(f"kernel_size_{i}", "choice", f"kernel size of cnn3's conv block {i}",
@@ -162,6 +165,7 @@ ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "bs": "batch_size", "opt
 TRAINER: dict[str, Any] = {
     "optimizer": "sgd", "lr": 0.01, "weight_decay": 0.0, "batch_size": 128, "schedule": "none",
     "step_size": None, "gamma": 0.1, "augment": False, "label_smoothing": 0.0,
+    "decoupled": False,
 }
 # Each optimizer's own parameters (torch's defaults, but SGD with momentum 0.9).
 OPTIMIZERS: dict[str, dict[str, Any]] = {

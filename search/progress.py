@@ -10,7 +10,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from search.params import format_params
-from search.study import FINISHED, count_finished
+from search.study import count_finished, counts
 
 
 def describe_trial(trial: FrozenTrial) -> str:
@@ -24,6 +24,8 @@ def describe_trial(trial: FrozenTrial) -> str:
     line += "  " + format_params(trial.params)
     if trial.state == TrialState.FAIL and trial.user_attrs.get("fail_reason"):
         line += f"  ({trial.user_attrs['fail_reason']})"
+    if "over_budget" in trial.user_attrs:
+        line += f"  (not trained: {trial.user_attrs['over_budget']:,} parameters, over max_params)"
     return line
 
 
@@ -41,7 +43,7 @@ class Progress:
             print(message, file=sys.stdout, flush=True)
         else:
             self.bar.write(message)
-        if trial.state in FINISHED:
+        if counts(trial):
             self.bar.update(1)
         best = _best_value(study)
         if best is not None:

@@ -23,9 +23,12 @@ def trial_seed(study_seed: int, trial_number: int) -> int:
     return study_seed * 100_003 + trial_number
 
 
-def repeat_seed(study_seed: int, trial_number: int, repeat: int) -> int:
-    """Repeat 0 is the trial's own seed (so it reproduces the trial); others are new seeds."""
-    return trial_seed(study_seed, trial_number) + SEED_STRIDE * repeat
+def repeat_seed(study_seed: int, trial_number: int, repeat: int,
+                recorded: int | None = None) -> int:
+    """Repeat 0 is the trial's own seed (so it reproduces the trial); others are new seeds.
+    `recorded` is the seed the trial recorded, which a retry inherits from the trial it repeats."""
+    base = trial_seed(study_seed, trial_number) if recorded is None else recorded
+    return base + SEED_STRIDE * repeat
 
 
 @dataclass(frozen=True)

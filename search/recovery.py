@@ -23,7 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 OWNER_ATTR = "owner"          # {"host", "pid", "started"} of the process running the trial
 RETRY_OF_ATTR = "retry_of"    # the number of the trial a retry repeats
-KEPT_ATTRS = ("baseline",)    # what a retry inherits from the trial it repeats
+KEPT_ATTRS = ("baseline", "seed")  # what a retry inherits from the trial it repeats
 
 
 def _start_time(pid: int) -> int | None:

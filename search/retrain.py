@@ -99,7 +99,7 @@ def final_evaluation(config: StudyConfig, entries: Sequence[tuple[str, FrozenTri
         params = trial_params(trial, config.space)
         accuracies, seconds = [], []
         for repeat in range(seeds):
-            seed = repeat_seed(config.seed, trial.number, repeat)
+            seed = repeat_seed(config.seed, trial.number, repeat, trial.user_attrs.get("seed"))
             started = time.perf_counter()
             result = retrain(config, params, train_data=full_train, val_data=None, spec=spec,
                              seed=seed, device=device)
@@ -200,7 +200,7 @@ def retrain_trial(source: StudySource, number: int, *, seeds: int = 1, full: boo
                             seed=config.seed)
     accuracies, histories = [], []
     for repeat in range(seeds):
-        seed = repeat_seed(config.seed, trial.number, repeat)
+        seed = repeat_seed(config.seed, trial.number, repeat, trial.user_attrs.get("seed"))
 
         def on_epoch(metrics: EpochMetrics) -> bool:
             recorded = trial.intermediate_values.get(metrics.epoch)

@@ -29,7 +29,7 @@ EXAMPLES = [
     "study=cnn3",
     "study=cnn3 dataset=fake epochs=3 n_trials=10 tracking_uri=none",
     "study=resnet20 dataset=fashion_mnist epochs=10 pruner=median",
-    "study=cnn3 space.lr.high=0.1 space.optimizer.choices=[sgd,adam] sampler=random",
+    "study=cnn3 space.lr.ranges.optimizer.sgd=[0.01,0.1] space.optimizer.choices=[sgd,adam] sampler=random",
     "study=cnn3 --cfg",
 ]
 SUMMARY = ("Runs an Optuna study: each trial trains the study's model with sampled "
@@ -48,7 +48,7 @@ def run(config: StudyConfig, overrides: list[str] = ()) -> int:
         print("dry run: the space works; nothing was written to the storage.")
         return 0
     try:
-        return _run_study(Session.create(config, device, data), overrides)
+        return _run_study(Session.open(config, device, data), overrides)
     except Exception as error:  # disk full, database server gone: a fault of the machine
         cause = storage_cause(error)
         if cause is None:
@@ -69,7 +69,7 @@ def _run_study(session: Session, overrides: list[str]) -> int:
     since = datetime.now()
     lines = (Progress(total=config.n_trials, done=count_finished(session.study))
              if config.workers == 1 else TrialLines(0, config.n_trials))
-    workers = Workers(config.workers - 1, overrides, since)
+    workers = Workers(config, overrides, since)
     try:
         workers.start()
         session.run_trials(stop, [lines], since=since)

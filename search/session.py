@@ -18,36 +18,36 @@ fills up the rest. Optuna's `MaxTrialsCallback` alone would overshoot by up to N
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-import hashlib
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path
 
 import optuna
 import torch
 from optuna.trial import TrialState
 
-from search.artifacts import DashboardArtifacts
+from search.artifacts import DashboardArtifacts, artifact_store
+from search.checkpoints import Checkpoints
 from search.config import StudyConfig
 from search.data import SearchData, load_search_data
+from search.dry_run import extreme_params
+from search.models import model_size
 from search.errors import SearchError
 from search.objective import Objective, StopSignal, TrialFailed
 from search.params import format_params
 from search.progress import describe_trial
 from search.recovery import OWNER_ATTR, recover_dead_trials, this_process
+from search.stores import DatabaseLock, masked
 from search.study import (
     FINISHED,
+    OVER_BUDGET_ATTR,
     check_resume,
+    check_warm_start,
+    counts,
     check_storage,
     count_finished,
-    make_pruner,
-    make_sampler,
-    make_storage,
     open_study,
 )
 from search.trainer import resolve_device
@@ -57,12 +57,24 @@ def prepare(config: StudyConfig) -> tuple[torch.device, SearchData]:
     """Everything that can be checked before anything is written: the device, the data, the
     storage (reachable, writable, and a stored study's config unchanged) and the tracking store.
     A command refused here leaves no storage file, study or MLflow experiment behind."""
-    device = resolve_device(config.device)
+    if config.gpus is not None and not torch.cuda.is_available():
+        raise SearchError(f"gpus={','.join(map(str, config.gpus))}: CUDA is not available on this "
+                          "machine; leave gpus out (on a CPU, workers=N splits the cores).")
+    device = resolve_device(config.device if config.gpus is None else f"cuda:{config.gpus[0]}")
     check_workers(config, device)
     data = load_search_data(config.dataset, config.data_dir, val_size=config.val_size,
                             seed=config.seed)
     check_storage(config.storage)
     check_resume(config)
+    check_warm_start(config)
+    if config.max_params is not None:
+        smallest = extreme_params(config.space, largest=False)
+        size = model_size(config.model, smallest, data.spec)
+        if size > config.max_params:
+            raise SearchError(
+                f"max_params={config.max_params:,}: the smallest model of this space has "
+                f"{size:,} parameters ({format_params(smallest, limit=99)}); raise max_params "
+                "or allow smaller models in the space.")
     if config.tracking_enabled:
         from search.tracking import check_tracking  # mlflow imports take ~2 s
 
@@ -79,6 +91,10 @@ def check_workers(config: StudyConfig, device: torch.device) -> None:
     would start that many PyTorch processes), before any is started."""
     cores = os.cpu_count() or 1
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    missing = [g for g in config.gpus or () if g >= gpus]
+    if missing:
+        raise SearchError(f"gpus={list(config.gpus)}: this machine has {gpus} GPU(s) "
+                          f"(ids 0..{gpus - 1}); there is no GPU {missing[0]}.")
     limit = max(PROCESSES_PER_CORE * cores, PROCESSES_PER_GPU * gpus)
     if config.workers > config.n_trials:
         raise SearchError(f"workers={config.workers}: more trial processes than trials "
@@ -110,37 +126,32 @@ class Session:
     study: optuna.Study
     observers: list
     study_run: object | None          # search.tracking.StudyRun when MLflow logging is on
-    resumed: bool = False
+    created: bool                     # this process created the study
+    sampler_seed: int
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
     @classmethod
-    def create(cls, config: StudyConfig, device: torch.device, data: SearchData) -> Session:
-        """Opens (creating or resuming) the study, then its MLflow experiment; `prepare` has
+    def open(cls, config: StudyConfig, device: torch.device, data: SearchData) -> Session:
+        """Opens (creating or joining) the study, then its MLflow experiment; `prepare` has
         checked everything that can be checked first."""
-        for reason in config.skipped_baselines:
-            print(f"note: {reason}; that baseline is skipped.")
-        study, resumed = open_study(config)  # baselines are enqueued here, once
+        study, created, seed = open_study(config)  # baselines are enqueued here, once
+        if created:
+            for reason in config.skipped_baselines:
+                print(f"note: {reason}; that baseline is skipped.")
         study_run, observers = make_observers(config)
         _share_cpu(config.workers, device)
-        return cls(config, device, data, study, observers, study_run, resumed)
+        return cls(config, device, data, study, observers, study_run, created, seed)
 
     @classmethod
-    def join(cls, config: StudyConfig, index: int) -> Session:
-        """A worker's view of a study the main process opened; its sampler has its own seed,
-        or N workers would propose the same points."""
-        device, data = prepare(config)
-        study_run, observers = make_observers(config)
-        sampler = make_sampler(dataclasses.replace(config, seed=config.seed + index))
-        study = optuna.load_study(study_name=config.study_name, storage=make_storage(config.storage),
-                                  sampler=sampler, pruner=make_pruner(config))
-        _share_cpu(config.workers, device)
-        return cls(config, device, data, study, observers, study_run, resumed=True)
+    def join(cls, config: StudyConfig) -> Session:
+        """A worker's view of the study its main process opened."""
+        return cls.open(config, *prepare(config))
 
     def describe(self) -> str:
         config, data = self.config, self.data
         workers = f", {config.workers} worker processes" if config.workers > 1 else ""
-        return (f"{'Resuming' if self.resumed else 'Created'} study '{config.study_name}' in "
-                f"{config.storage}: {config.model} on {config.dataset} ({len(data.train)} train / "
+        return (f"{'Created' if self.created else 'Resuming'} study '{config.study_name}' in "
+                f"{masked(config.storage)}: {config.model} on {config.dataset} ({len(data.train)} train / "
                 f"{len(data.val)} val images), {config.epochs} epochs max, "
                 f"{count_finished(self.study)}/{config.n_trials} trials finished, device "
                 f"{self.device}{workers}.")
@@ -148,9 +159,12 @@ class Session:
     def run_trials(self, stop: StopSignal, callbacks: list[Callable], *, since: datetime,
                    parent_pid: int | None = None) -> None:
         """Runs this process's share of the trials (see `run_reserved`)."""
-        objective = Objective(self.config, self.data, self.device, self.observers, stop)
+        checkpoints = (None if self.config.checkpoint_every is None else
+                       Checkpoints(artifact_store(self.config.storage), self.config.checkpoint_every))
+        objective = Objective(self.config, self.data, self.device, self.observers, stop,
+                              checkpoints)
         run_reserved(self.study, objective, self.config, stop=stop, callbacks=callbacks,
-                     since=since, parent_pid=parent_pid)
+                     since=since, parent_pid=parent_pid, sampler_seed=self.sampler_seed)
 
     def close(self) -> None:
         """Closes what this process opened (curves still being drawn, the logging cost line)."""
@@ -180,61 +194,52 @@ def make_observers(config: StudyConfig) -> tuple[object | None, list]:
 
 def run_reserved(study: optuna.Study, objective: Callable[[optuna.Trial], float],
                  config: StudyConfig, *, stop: StopSignal, callbacks: list[Callable],
-                 since: datetime, parent_pid: int | None = None) -> None:
+                 since: datetime, parent_pid: int | None = None,
+                 sampler_seed: int | None = None) -> None:
     """Runs trials one at a time, each reserved under the study's lock, until the study has
     its `n_trials` (or this run's budget is used up, `timeout` passes, or the parent process
-    that started this worker is gone)."""
+    that started this worker is gone).
+
+    The lock is the storage's (`DatabaseLock`: an advisory lock on PostgreSQL, a file lock beside
+    a SQLite file), so processes on any number of machines share it.
+    """
     deadline = time.monotonic() + config.timeout if config.timeout else None
     owner = this_process()
     while deadline is None or time.monotonic() < deadline:
         stop.check()
         if parent_pid is not None and os.getppid() != parent_pid:
             return
-        with _Reservation(lock_path(config)) as reservation:
+        with DatabaseLock(config.storage, f"trials:{config.study_name}") as reservation:
             if not _room_for_one_more(study, config.n_trials, since):
                 return
 
             def reserved(trial: optuna.Trial) -> float:
                 trial.set_user_attr(OWNER_ATTR, owner)  # who to ask whether it still runs
                 reservation.release()  # the trial is RUNNING now: others may count it
+                if sampler_seed is not None:
+                    trial.set_user_attr("sampler_seed", sampler_seed)
                 return objective(trial)
 
             study.optimize(reserved, n_trials=1, catch=(TrialFailed,),
                            callbacks=[*callbacks, stop.check])
 
 
-def lock_path(config: StudyConfig) -> Path:
-    """One lock file per (working directory, storage, study), in the temporary directory."""
-    key = "\0".join((os.getcwd(), config.storage, config.study_name)).encode()
-    return Path(tempfile.gettempdir()) / f"search-workers-{hashlib.sha1(key).hexdigest()[:16]}.lock"
-
-
-class _Reservation:
-    """Holds the study's lock from "is there room for one more trial?" until that trial is
-    RUNNING in the storage (`release` is called from inside the objective)."""
-
-    def __init__(self, path: Path) -> None:
-        self._file = open(path, "a")  # noqa: SIM115 - closed in release()
-        fcntl.flock(self._file, fcntl.LOCK_EX)
-
-    def __enter__(self) -> _Reservation:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.release()
-
-    def release(self) -> None:
-        if not self._file.closed:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
+# Models over max_params are cheap to skip, but a run stops proposing them after this many per
+# trial wanted: a budget that almost nothing in the space fits must end, not spin.
+OVER_BUDGET_PER_TRIAL = 10
 
 
 def _room_for_one_more(study: optuna.Study, n_trials: int, since: datetime) -> bool:
     """Whether starting a trial now keeps the study within `n_trials` and this run's budget."""
     recover_dead_trials(study)  # trials of processes that died run again
     trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING, TrialState.FAIL))
-    taken = sum(t.state in FINISHED or t.state == TrialState.RUNNING
-                or (t.datetime_start is not None and t.datetime_start >= since) for t in trials)
+    recent = [t for t in trials if t.datetime_start is not None and t.datetime_start >= since]
+    if sum(OVER_BUDGET_ATTR in t.user_attrs for t in recent) >= OVER_BUDGET_PER_TRIAL * n_trials:
+        print(f"warning: {OVER_BUDGET_PER_TRIAL * n_trials} sampled models were over max_params "
+              "in this run; stopping. Raise max_params or narrow the space.", file=sys.stderr)
+        return False
+    taken = sum(counts(t) or t.state == TrialState.RUNNING
+                or (t.state == TrialState.FAIL and t in recent) for t in trials)
     return taken < n_trials
 
 
@@ -244,7 +249,7 @@ def storage_failure(config: StudyConfig, error: BaseException) -> str:
     """One paragraph for a storage that failed mid-run; what was committed stays consistent."""
     cause = getattr(error, "orig", None) or error.__cause__ or error.__context__ or error
     reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-    return (f"error: the storage {config.storage} failed while the study ran ({reason}). Every "
+    return (f"error: the storage {masked(config.storage)} failed while the study ran ({reason}). Every "
             "trial it recorded is intact (a failed write changes nothing); fix the cause (free "
             "disk space, restart the database server), then rerun the same command: it resumes "
             "the study and retries the interrupted trial.")
@@ -261,14 +266,14 @@ def print_summary(study: optuna.Study, config: StudyConfig) -> int:
     best = study.best_trial
     print(f"Best: {describe_trial(best)}")
     print(f"  params: {format_params(best.params, limit=99)}")
-    args = f"study={config.study} storage={config.storage}"
+    args = f"study={config.study} storage={masked(config.storage)}"
     if config.study_name != config.study:
         args += f" study_name={config.study_name}"
     print("Next:")
     print(f"  python -m search.dashboard {args}   # optuna-dashboard: trials, curves, importances")
     if config.tracking_enabled and config.tracking_uri.startswith(("http://", "https://")):
-        print(f"  open {config.tracking_uri} (MLflow)   # compare runs")
+        print(f"  open {masked(config.tracking_uri)} (MLflow)   # compare runs")
     elif config.tracking_enabled:
-        print(f"  mlflow ui --backend-store-uri {config.tracking_uri}   # compare runs")
+        print(f"  mlflow ui --backend-store-uri {masked(config.tracking_uri)}   # compare runs")
     print(f"  python -m search.report {args}   # tables, plots, final test accuracy")
     return 0

@@ -16,6 +16,7 @@ import optuna
 
 from search.config import DEFAULT_STORAGE, SETTINGS, StudyConfig, build_config, resolve_tree
 from search.errors import SearchError
+from search.stores import masked
 from search.study import open_existing
 
 # Keys that say where things are on this machine, not what the study is: a user may point
@@ -67,7 +68,7 @@ def load_stored_study(url: str, name: str) -> tuple[optuna.Study, optuna.storage
     if name not in names:
         hint = difflib.get_close_matches(name, names, n=1)
         raise SearchError(
-            f"no study named '{name}' in {url}" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+            f"no study named '{name}' in {masked(url)}" + (f" (did you mean '{hint[0]}'?)" if hint else "")
             + f". Studies there: {', '.join(names) or 'none'}. Pass storage=URL and/or "
             "study_name=NAME as given to search.run.")
     return optuna.load_study(study_name=name, storage=storage), storage
@@ -77,7 +78,7 @@ def location_args(config: StudyConfig) -> str:
     """`study=... [storage=...] [study_name=...]`: the words that find this study again."""
     words = [f"study={config.study}"]
     if config.storage != DEFAULT_STORAGE:
-        words.append(f"storage={config.storage}")
+        words.append(f"storage={masked(config.storage)}")
     if config.study_name != config.study:
         words.append(f"study_name={config.study_name}")
     return " ".join(words)

@@ -22,8 +22,8 @@ from search.params import ALIASES, PARAMS, Param, known_params
 
 KINDS = ("float", "int", "categorical")
 _FIELDS = {
-    "float": {"type", "low", "high", "log", "step", "when"},
-    "int": {"type", "low", "high", "log", "step", "when"},
+    "float": {"type", "low", "high", "log", "step", "when", "ranges"},
+    "int": {"type", "low", "high", "log", "step", "when", "ranges"},
     "categorical": {"type", "choices", "when"},
 }
 
@@ -33,7 +33,9 @@ class ParamSpec:
     """One searchable (or fixed) hyperparameter.
 
     `kind` is "float", "int", "categorical" or "fixed"; `when` maps a parent parameter to the
-    values for which this one is active.
+    values for which this one is active. A number's range may depend on an earlier parameter
+    (`ranges_by`): `ranges` holds (value of that parameter, low, high), and `low`/`high` are the
+    range for the values not listed (None when every value is listed).
     """
 
     name: str
@@ -45,13 +47,31 @@ class ParamSpec:
     choices: tuple[Any, ...] = ()
     value: Any = None
     when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+    ranges_by: str | None = None
+    ranges: tuple[tuple[Any, float, float], ...] = ()
+
+    def bounds(self, params: Mapping[str, Any]) -> tuple[float, float]:
+        """The range for the values the earlier parameters took (`ranges_by`)."""
+        for value, low, high in self.ranges:
+            if params.get(self.ranges_by) == value:
+                return low, high
+        if self.low is None:
+            raise ValueError(f"{self.name}: no range for {self.ranges_by}="
+                             f"{params.get(self.ranges_by)!r}")
+        return self.low, self.high
+
+    def all_bounds(self) -> list[tuple[float, float]]:
+        """Every range the entry can sample from."""
+        default = [] if self.low is None else [(self.low, self.high)]
+        return default + [(low, high) for _, low, high in self.ranges]
 
     def is_active(self, params: Mapping[str, Any]) -> bool:
         """Whether the parents this entry depends on took one of the values it needs."""
         return all(params.get(parent) in values for parent, values in self.when)
 
-    def contains(self, value: Any) -> bool:
-        """Whether `value` is one this entry can produce (used to check baselines)."""
+    def contains(self, value: Any, params: Mapping[str, Any] = {}) -> bool:  # noqa: B006
+        """Whether `value` is one this entry can produce, given the earlier `params` (used to
+        check baselines and warm starts)."""
         if self.kind == "fixed":
             return value == self.value
         if self.kind == "categorical":
@@ -60,7 +80,11 @@ class ParamSpec:
             return False
         if self.kind == "int" and int(value) != value:
             return False
-        return self.low <= value <= self.high
+        try:
+            low, high = self.bounds(params)
+        except ValueError:
+            return False
+        return low <= value <= high
 
     def describe(self) -> str:
         """A short human-readable form, for --help, the report and the dashboard note."""
@@ -69,7 +93,13 @@ class ParamSpec:
         elif self.kind == "categorical":
             text = "one of " + ", ".join(str(c) for c in self.choices)
         else:
-            text = f"{self.kind} in [{self.low:g}, {self.high:g}]" + (" log" if self.log else "")
+            per = [f"{value}: [{low:g}, {high:g}]" for value, low, high in self.ranges]
+            if self.low is not None:
+                per.append(f"[{self.low:g}, {self.high:g}]" if not per else
+                           f"otherwise [{self.low:g}, {self.high:g}]")
+            text = (f"{self.kind} in " + (f"{per[0]}" if not self.ranges else
+                                          f"per {self.ranges_by}: {', '.join(per)}")
+                    + (" log" if self.log else ""))
             if self.step:
                 text += f" step {self.step:g}"
         if self.when:
@@ -119,31 +149,74 @@ def parse_param(name: str, entry: Any, earlier: Sequence[str]) -> ParamSpec:
         if len(set(map(repr, choices))) != len(choices):
             raise _fail(name, f"'choices' has duplicates: {list(choices)}.")
         return ParamSpec(name=name, kind=kind, choices=tuple(choices), when=when)
-    for field in ("low", "high"):
-        if field not in entry:
-            raise _fail(name, f"a {kind} parameter needs '{field}'.")
-    low = _number(name, "low", entry["low"])
-    high = _number(name, "high", entry["high"])
     log = entry.get("log", False)
-    step = entry.get("step")
     if not isinstance(log, bool):
-        raise _fail(name, f"'log' must be true or false, got {log!r}.")
-    if low > high:
-        raise _fail(name, f"empty range: low={low} is greater than high={high}.")
-    if log and low <= 0:
-        raise _fail(name, f"a log range needs low > 0, got low={low}.")
+        raise _fail(name, f"'log' must be true or false, got {shown(log)}.")
+    step = entry.get("step")
     if step is not None:
         step = _number(name, "step", step)
         if step <= 0:
             raise _fail(name, f"'step' must be positive, got {step}.")
         if log:
             raise _fail(name, "'step' and 'log: true' cannot be combined.")
+        if kind == "int" and int(step) != step:
+            raise _fail(name, f"an int parameter needs whole numbers, 'step' is {step}.")
+    ranges_by, ranges = _parse_ranges(name, kind, log, entry.get("ranges"), earlier)
+    if ranges and "low" not in entry and "high" not in entry:
+        low = high = None  # every value of ranges_by has its own range
+    elif ranges and ("low" not in entry or "high" not in entry):
+        raise _fail(name, f"give both low and high (the range for the values of {ranges_by} that "
+                          f"'ranges' does not list), or set a value's own range: space.{name}."
+                          f"ranges.{ranges_by}.{ranges[0][0]}=[low,high].")
+    else:
+        for field in ("low", "high"):
+            if field not in entry:
+                raise _fail(name, f"a {kind} parameter needs '{field}'.")
+        low, high = _range(name, kind, log, entry["low"], entry["high"])
+    return ParamSpec(name=name, kind=kind, low=low, high=high, log=log,
+                     step=int(step) if kind == "int" and step is not None else step, when=when,
+                     ranges_by=ranges_by, ranges=ranges)
+
+
+def _range(name: str, kind: str, log: bool, low: Any, high: Any,
+           where: str = "") -> tuple[float, float]:
+    """A checked (low, high): numbers, low <= high, > 0 on a log scale, whole for an int."""
+    low, high = _number(name, "low" + where, low), _number(name, "high" + where, high)
+    if low > high:
+        raise _fail(name, f"empty range{where}: low={low} is greater than high={high}.")
+    if log and low <= 0:
+        raise _fail(name, f"a log range needs low > 0, got low={low}{where}.")
     if kind == "int":
-        for field, value in (("low", low), ("high", high), ("step", step)):
-            if value is not None and int(value) != value:
-                raise _fail(name, f"an int parameter needs whole numbers, '{field}' is {value}.")
-        low, high, step = int(low), int(high), int(step) if step is not None else None
-    return ParamSpec(name=name, kind=kind, low=low, high=high, log=log, step=step, when=when)
+        for field, value in (("low", low), ("high", high)):
+            if int(value) != value:
+                raise _fail(name, f"an int parameter needs whole numbers, '{field}' is "
+                                  f"{value}{where}.")
+        low, high = int(low), int(high)
+    return low, high
+
+
+def _parse_ranges(name: str, kind: str, log: bool, ranges: Any,
+                  earlier: Sequence[str]) -> tuple[str | None, tuple]:
+    """`ranges: {optimizer: {sgd: [0.01, 0.3], adam: [1e-4, 3e-3]}}`: a range per value of one
+    earlier parameter."""
+    if ranges is None:
+        return None, ()
+    if not isinstance(ranges, Mapping) or len(ranges) != 1:
+        raise _fail(name, "'ranges' maps one earlier parameter to a range per value, e.g. "
+                          "{optimizer: {sgd: [0.01, 0.3], adam: [0.0001, 0.003]}}.")
+    (parent, per_value), = ranges.items()
+    if parent not in earlier:
+        raise _fail(name, f"'ranges' depends on '{parent}', which must be a parameter defined "
+                          f"before '{name}' (defined before it: {', '.join(earlier) or 'none'}).")
+    if not isinstance(per_value, Mapping) or not per_value:
+        raise _fail(name, f"'ranges: {{{parent}: ...}}' must map values of {parent} to [low, high].")
+    parsed = []
+    for value, bounds in per_value.items():
+        if not isinstance(bounds, (list, tuple)) or len(bounds) != 2:
+            raise _fail(name, f"the range for {parent}={value} must be [low, high], got "
+                              f"{shown(bounds)}.")
+        parsed.append((value, *_range(name, kind, log, *bounds, where=f" for {parent}={value}")))
+    return str(parent), tuple(parsed)
 
 
 def _parse_when(name: str, when: Any, earlier: Sequence[str]) -> tuple[tuple[str, tuple], ...]:
@@ -181,6 +254,8 @@ def parse_space(raw: Mapping[str, Any], model: str) -> tuple[ParamSpec, ...]:
                 + f". The {model} model and the trainer understand: {', '.join(sorted(allowed))}.")
         spec = parse_param(str(name), entry, [s.name for s in specs])
         _check_values(spec, PARAMS[spec.name])
+        if spec.ranges_by is not None:
+            _check_ranges(spec, next(s for s in specs if s.name == spec.ranges_by))
         for parent, values in spec.when:
             for value in values:
                 if PARAMS[parent].problem(value):
@@ -188,6 +263,27 @@ def parse_space(raw: Mapping[str, Any], model: str) -> tuple[ParamSpec, ...]:
                                            f"never is: {parent} is {PARAMS[parent].valid()}.")
         specs.append(spec)
     return tuple(specs)
+
+
+def _check_ranges(spec: ParamSpec, parent: ParamSpec) -> None:
+    """Each value a range is given for is one the parent can take; each value the parent can
+    take has a range (its own, or the entry's low/high)."""
+    for value, _, _ in spec.ranges:
+        if PARAMS[parent.name].problem(value):
+            raise _fail(spec.name, f"'ranges' gives a range for {parent.name}={shown(value)}, "
+                                   f"which it never is: {PARAMS[parent.name].problem(value)}.")
+    possible = (parent.choices if parent.kind == "categorical" else
+                (parent.value,) if parent.kind == "fixed" else ())
+    listed = [value for value, _, _ in spec.ranges]
+    missing = [v for v in possible if v not in listed]
+    if missing and spec.low is None:
+        raise _fail(spec.name, f"no range for {parent.name}={missing[0]!r}: add it to 'ranges', "
+                               "or give low and high for the values not listed.")
+    if possible and not missing and spec.low is not None:  # low/high would silently do nothing
+        raise _fail(spec.name, f"low and high are not used: every value of {parent.name} has its "
+                               f"own range; set one with space.{spec.name}.ranges.{parent.name}."
+                               f"{possible[0]}=[low,high], or drop them all with "
+                               f"space.{spec.name}.ranges=null.")
 
 
 def _check_values(spec: ParamSpec, param: Param) -> None:
@@ -202,12 +298,13 @@ def _check_values(spec: ParamSpec, param: Param) -> None:
     elif param.kind == "int" and spec.kind == "float":
         raise _fail(spec.name, f"{spec.name} is {param.valid()}: use type: int or categorical.")
     elif param.kind == "choice":  # an int range over allowed sizes, e.g. 3..7 step 2
-        values = range(spec.low, spec.high + 1, spec.step or 1)
+        spans = [range(low, high + 1, spec.step or 1) for low, high in spec.all_bounds()]
+        if sum(map(len, spans)) > len(param.choices) * len(spans):  # before listing a huge one
+            raise _fail(spec.name, f"the range gives values that are not {param.valid()}; list "
+                                   "them: {type: categorical, choices: [...]}.")
+        values = [value for span in spans for value in span]
     else:
-        values = [spec.low, spec.high]
-    if isinstance(values, range) and len(values) > len(param.choices):
-        raise _fail(spec.name, f"the range {spec.low}..{spec.high} gives values that are not "
-                               f"{param.valid()}; list them: {{type: categorical, choices: [...]}}.")
+        values = [bound for pair in spec.all_bounds() for bound in pair]
     for value in values:
         problem = param.problem(value)
         if problem:
@@ -227,10 +324,10 @@ def suggest(trial: optuna.Trial, space: Sequence[ParamSpec]) -> dict[str, Any]:
             params[spec.name] = trial.suggest_categorical(spec.name, list(spec.choices))
         elif spec.kind == "int":
             params[spec.name] = trial.suggest_int(
-                spec.name, spec.low, spec.high, step=spec.step or 1, log=spec.log)
+                spec.name, *spec.bounds(params), step=spec.step or 1, log=spec.log)
         else:
             params[spec.name] = trial.suggest_float(
-                spec.name, spec.low, spec.high, step=spec.step, log=spec.log)
+                spec.name, *spec.bounds(params), step=spec.step, log=spec.log)
     return params
 
 
@@ -254,7 +351,7 @@ def check_baseline(index: int, baseline: Mapping[str, Any], space: Sequence[Para
             if spec.name in baseline and baseline[spec.name] != spec.value:
                 return f"baseline {index} has {spec.name}={baseline[spec.name]!r}, but it is fixed to {spec.value!r}"
         elif spec.name in baseline:
-            if not spec.contains(baseline[spec.name]):
+            if not spec.contains(baseline[spec.name], resolved):
                 return f"baseline {index} has {spec.name}={baseline[spec.name]!r}, outside {spec.describe()}"
             resolved[spec.name] = baseline[spec.name]
     return None

@@ -4,20 +4,31 @@ resumed study from silently mixing trials run under different settings."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import os
+import socket
 import sqlite3
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import optuna
 import sqlalchemy
 from optuna.trial import TrialState
 
-from search.config import DEFAULT_STORAGE, StudyConfig
+from search.config import DEFAULT_STORAGE, StudyConfig, shown_tree
 from search.errors import SearchError
 from search.recovery import retry
 from search.space import searched_params
+from search.stores import (
+    DatabaseLock,
+    backend,
+    check_driver,
+    check_writable,
+    masked,
+    parse,
+    sqlite_path,
+    write_ahead_log,
+)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # A worker killed without a chance to clean up (SIGKILL, power loss) leaves its trial RUNNING;
@@ -27,16 +38,21 @@ HEARTBEAT_SECONDS = 60
 GRACE_SECONDS = 180
 
 
-def make_sampler(config: StudyConfig) -> optuna.samplers.BaseSampler:
-    name, seed = config.sampler.name, config.seed
+def make_sampler(config: StudyConfig, seed: int) -> optuna.samplers.BaseSampler:
+    name = config.sampler.name
+    # With a size budget, TPE and GP learn where models are too large: a trial's constraint is
+    # its parameter count over the budget (> 0: infeasible).
+    constraints = None if config.max_params is None else (
+        lambda trial: [float(trial.user_attrs.get("parameter_count", 0) - config.max_params)])
     if name == "tpe":
         # constant_liar keeps parallel workers from proposing the same point.
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.sampler.n_startup_trials,
-                                          constant_liar=True)
+                                          constant_liar=True, constraints_func=constraints)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=config.sampler.n_startup_trials)
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=config.sampler.n_startup_trials,
+                                         constraints_func=constraints)
     raise SearchError(f"sampler={name!r}: unknown; allowed: tpe, random, gp.")
 
 
@@ -77,40 +93,6 @@ def make_pruner(config: StudyConfig) -> optuna.pruners.BasePruner:
                       "successive_halving, patient, none.")
 
 
-def _parse(url: str, key: str = "storage") -> sqlalchemy.engine.URL:
-    try:
-        return sqlalchemy.engine.make_url(url)
-    except sqlalchemy.exc.ArgumentError:
-        raise SearchError(f"{key}={url!r}: not a storage URL; write e.g. sqlite:///mlruns/optuna.db "
-                          "or postgresql://user:password@host/db.") from None
-
-
-def sqlite_path(url: str, key: str = "storage") -> Path | None:
-    """The database file of a SQLite URL; None for a database server."""
-    parsed = _parse(url, key)
-    if parsed.get_backend_name() != "sqlite":
-        return None
-    if parsed.database in (None, "", ":memory:") or parsed.database.startswith("file::memory:"):
-        raise SearchError(f"{key}={url}: names no database file (an in-memory database keeps no "
-                          "study); write e.g. sqlite:///mlruns/optuna.db.")
-    return Path(parsed.database).expanduser()
-
-
-def check_writable(folder: Path, key: str, value: str, file: Path | None = None) -> None:
-    """Fails with a message when `folder` (and `file`, if it exists) cannot be written, found by
-    trying: permission bits (which root ignores) and read-only mounts fail alike."""
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-        if file is not None and file.exists():
-            with open(file, "r+b"):
-                pass
-    except OSError as error:
-        where = file if file is not None and file.exists() and folder.is_dir() else folder
-        raise SearchError(f"{key}={value}: cannot write {where} ({error.strerror or error}). "
-                          f"Make it writable, or point {key}= somewhere that is.") from None
-
-
 def check_storage(url: str) -> None:
     """Fails early, with a message, when the storage URL is malformed, cannot be reached or
     cannot be written.
@@ -118,6 +100,8 @@ def check_storage(url: str) -> None:
     The default SQLite file's folder is created; any other SQLite folder must already exist,
     so a typo in a path does not silently start a new, empty study somewhere else.
     """
+    parse(url)
+    check_driver(url, "storage")
     path = sqlite_path(url)
     if path is not None:
         folder = path.resolve().parent
@@ -125,25 +109,25 @@ def check_storage(url: str) -> None:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as error:
-                raise SearchError(f"storage={url}: cannot create the folder {folder} "
+                raise SearchError(f"storage={masked(url)}: cannot create the folder {folder} "
                                   f"({error.strerror or error}).") from None
         elif not folder.is_dir():
-            raise SearchError(f"storage={url}: the folder {folder} does not exist.")
+            raise SearchError(f"storage={masked(url)}: the folder {folder} does not exist.")
         check_writable(folder, "storage", url, path)
         return
     try:
-        engine = sqlalchemy.create_engine(url, connect_args=_connect_timeout(_parse(url)))
+        engine = sqlalchemy.create_engine(url, connect_args=_connect_timeout(url))
         with engine.connect():
             pass
         engine.dispose()
     except Exception as error:  # noqa: BLE001 - any driver error means "cannot use this storage"
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SearchError(f"storage={url}: cannot connect ({reason}). Check that the database "
-                          "server is running and the URL is right.") from None
+        raise SearchError(f"storage={masked(url)}: cannot connect ({masked(reason)}). Check that "
+                          "the database server is running and the URL is right.") from None
 
 
-def _connect_timeout(parsed: sqlalchemy.engine.URL) -> dict[str, Any]:
-    return {"connect_timeout": 10} if parsed.get_backend_name() in ("postgresql", "mysql") else {}
+def _connect_timeout(url: str) -> dict[str, Any]:
+    return {"connect_timeout": 10} if backend(url) in ("postgresql", "mysql") else {}
 
 
 def open_existing(url: str, hint: str = "") -> optuna.storages.RDBStorage:
@@ -156,7 +140,7 @@ def open_existing(url: str, hint: str = "") -> optuna.storages.RDBStorage:
     if path is not None:
         if not path.is_file():
             default = " (the default storage)" if url == DEFAULT_STORAGE else ""
-            raise SearchError(f"storage={url}{default}: no such database file "
+            raise SearchError(f"storage={masked(url)}{default}: no such database file "
                               f"{str(path)!r}; {hint or 'pass the storage= that search.run used.'}")
         try:
             check_writable(path.resolve().parent, "storage", url)
@@ -170,13 +154,22 @@ def open_existing(url: str, hint: str = "") -> optuna.storages.RDBStorage:
         return storage
     except Exception as error:  # noqa: BLE001 - any driver/schema error: not a usable storage
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SearchError(f"storage={url}: cannot be read as an Optuna storage ({reason}).") from None
+        raise SearchError(f"storage={masked(url)}: cannot be read as an Optuna storage "
+                          f"({masked(reason)}).") from None
 
 
 def make_storage(url: str) -> optuna.storages.BaseStorage:
-    storage = optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS,
-                                         grace_period=GRACE_SECONDS,
-                                         heartbeat_stale_trial_callback=retry)
+    """The study's storage, with heartbeats and retries of dead trials (`search.recovery`).
+
+    Creating a new database's tables is serialised (`DatabaseLock`): several processes started
+    at once on a fresh PostgreSQL database would otherwise race in Optuna's schema creation.
+    Connections are checked before use, so a restarted database server is reconnected to.
+    """
+    with DatabaseLock(url, "optuna-schema"):
+        storage = optuna.storages.RDBStorage(
+            url, engine_kwargs={"pool_pre_ping": True} if sqlite_path(url) is None else None,
+            heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+            heartbeat_stale_trial_callback=retry)
     if storage.engine.dialect.name == "sqlite":
         # Every suggested parameter, report and attribute is a commit; in SQLite's default
         # rollback-journal mode each one waits on several disk syncs (about half of a trial's
@@ -186,13 +179,6 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
         storage.engine.dispose()  # connections opened while creating the tables lack the pragmas
         sqlalchemy.event.listen(storage.engine, "connect", _fast_sqlite_connection)
     return storage
-
-
-def write_ahead_log(connection: sqlite3.Connection) -> None:
-    """Puts a SQLite file in write-ahead-log mode (see `make_storage` for why); the mode is
-    kept in the file, so later readers use it too. MLflow's SQLite store gets the same."""
-    with contextlib.suppress(sqlite3.OperationalError):  # busy in another process: only speed
-        connection.execute("PRAGMA journal_mode=WAL")
 
 
 def _fast_sqlite_connection(connection: sqlite3.Connection, _record: Any) -> None:
@@ -236,35 +222,106 @@ def check_resume(config: StudyConfig) -> bool:
         changes = _differences(stored, current)
         listed = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
         raise SearchError(
-            f"study '{config.study_name}' in {config.storage} was created with a different config "
+            f"study '{config.study_name}' in {masked(config.storage)} was created with a different config "
             f"({listed}). Resuming would mix incomparable trials: rerun with the original values to "
             f"resume it, or add study_name=NEW_NAME to start a new study.")
     return True
 
 
-def open_study(config: StudyConfig) -> tuple[optuna.Study, bool]:
-    """Creates the study (storing its config and enqueuing its baselines) or resumes it.
+def open_study(config: StudyConfig) -> tuple[optuna.Study, bool, int]:
+    """Creates the study (storing its config and enqueuing its baselines) or joins it.
 
-    Returns the study and whether it was resumed.
+    Exactly one process creates a study, even when several start at once on a new one: the
+    study's row is unique in the storage. The creator's sampler takes the study seed, so a fresh
+    single-process run is reproducible; every other process (a worker, a second machine, a
+    resumed run) seeds its sampler from the study seed, the trials so far, its host and its pid,
+    so that concurrent and resumed processes explore different points.
+
+    Returns the study, whether this process created it, and its sampler's seed.
     """
-    resumed = check_resume(config)
     storage = make_storage(config.storage)
-    study = optuna.create_study(storage=storage, study_name=config.study_name,
-                                direction="maximize", sampler=make_sampler(config),
-                                pruner=make_pruner(config), load_if_exists=True)
-    if not resumed:
+    try:
+        optuna.create_study(storage=storage, study_name=config.study_name, direction="maximize")
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        created = False
+        check_resume(config)  # it may have been created a moment ago, by another process
+    study = optuna.load_study(study_name=config.study_name, storage=storage,
+                              pruner=make_pruner(config))
+    seed = config.seed if created else process_seed(config.seed, len(study.get_trials(deepcopy=False)))
+    study.sampler = make_sampler(config, seed)
+    if created:
         study.set_user_attr("fingerprint_source",
                             json.loads(json.dumps(config.fingerprint_source(), default=str)))
         study.set_user_attr("fingerprint", config.fingerprint())
-        study.set_user_attr("config", json.loads(json.dumps(config.raw, default=str)))
+        study.set_user_attr("config", json.loads(json.dumps(shown_tree(config), default=str)))
         for model_key in ("model", "dataset", "epochs"):
             study.set_user_attr(model_key, getattr(config, model_key))
         for index, baseline in enumerate(config.baselines):
             study.enqueue_trial(searched_params(baseline, config.space),
                                 user_attrs={"baseline": index}, skip_if_exists=True)
+        if config.warm_start:
+            warm_start(study, config)
     else:
-        _requeue_interrupted_baselines(study, config)
-    return study, resumed
+        with DatabaseLock(config.storage, f"trials:{config.study_name}"):
+            _requeue_interrupted_baselines(study, config)
+    return study, created, seed
+
+
+def process_seed(study_seed: int, trials_so_far: int) -> int:
+    """A sampler seed of this process's own (see `open_study`)."""
+    key = f"{study_seed}:{trials_so_far}:{socket.gethostname()}:{os.getpid()}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:4], "big") % (2**31 - 1)
+
+
+def check_warm_start(config: StudyConfig) -> None:
+    """The studies to warm-start from must exist in the storage (read only)."""
+    if not config.warm_start:
+        return
+    if config.study_name in config.warm_start:
+        raise SearchError(f"warm_start={config.study_name}: a study cannot warm-start from itself.")
+    path = sqlite_path(config.storage)
+    names = []
+    if path is None or path.exists():
+        with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError,
+                                 optuna.exceptions.StorageInternalError):
+            names = optuna.get_all_study_names(
+                optuna.storages.RDBStorage(config.storage, skip_table_creation=True))
+    missing = [name for name in config.warm_start if name not in names]
+    if missing:
+        raise SearchError(f"warm_start={missing[0]}: no study of that name in "
+                          f"{masked(config.storage)} (studies there: {', '.join(names) or 'none'}).")
+
+
+def warm_start(study: optuna.Study, config: StudyConfig) -> None:
+    """Queues the best `warm_start_top_k` complete configurations of each `warm_start` study,
+    after the baselines. Parameters this space lacks, or whose values it cannot produce, are
+    dropped; parameters it adds are sampled."""
+    queued, dropped, added = 0, set(), set()
+    for name in config.warm_start:
+        other = optuna.load_study(study_name=name, storage=study._storage)
+        best = sorted(other.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)),
+                      key=lambda t: -t.value)[:config.warm_start_top_k]
+        for trial in best:
+            kept, resolved = {}, {}
+            for spec in config.space:
+                if not spec.is_active(resolved):
+                    continue
+                if spec.kind == "fixed":
+                    resolved[spec.name] = spec.value
+                elif spec.name in trial.params and spec.contains(trial.params[spec.name], resolved):
+                    kept[spec.name] = resolved[spec.name] = trial.params[spec.name]
+                else:
+                    added.add(spec.name)
+            dropped |= set(trial.params) - set(kept)
+            study.enqueue_trial(kept, user_attrs={"warm_start": f"{name}#{trial.number}"},
+                                skip_if_exists=True)
+            queued += 1
+    print(f"warm start: {queued} configuration(s) of {', '.join(config.warm_start)} queued after "
+          "the baselines" + (f"; dropped (not in this space): {', '.join(sorted(dropped))}"
+                             if dropped else "")
+          + (f"; sampled (new here or out of range): {', '.join(sorted(added))}" if added else "")
+          + ".", flush=True)
 
 
 def _requeue_interrupted_baselines(study: optuna.Study, config: StudyConfig) -> None:
@@ -277,5 +334,13 @@ def _requeue_interrupted_baselines(study: optuna.Study, config: StudyConfig) -> 
             study.enqueue_trial(searched_params(baseline, config.space), user_attrs={"baseline": index})
 
 
+OVER_BUDGET_ATTR = "over_budget"  # parameter count of a model over max_params, never trained
+
+
+def counts(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a trial counts toward n_trials: finished (complete or pruned), and trained."""
+    return trial.state in FINISHED and OVER_BUDGET_ATTR not in trial.user_attrs
+
+
 def count_finished(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+    return sum(map(counts, study.get_trials(deepcopy=False, states=FINISHED)))

@@ -50,14 +50,18 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from search.config import DEFAULT_TRACKING_URI, StudyConfig, to_yaml
 from search.errors import SearchError
 from search.records import EpochMetrics, FinalRun
-from search.study import check_writable, write_ahead_log
+from search.recovery import RETRY_OF_ATTR
+from search.space import trial_params as space_params
+from search.stores import DatabaseLock, check_driver, check_writable, masked, sqlite_path, write_ahead_log
 from search.trainer import resolve_device
 
+# MLflow 3's UI opens an experiment without this tag on its GenAI overview, not on its runs.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 ROLE_TAG = "search.role"                  # "study" on the parent run, "trial" on child runs
 PARENT_TAG = "mlflow.parentRunId"         # what makes the MLflow UI nest a run under another
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
@@ -77,8 +81,11 @@ CLOCK_SLACK_MS = 60_000
 # Settings for calls to a tracking server during a study (a user's own values win): MLflow's
 # default retries last minutes, which would stall every trial once the server is gone; and the
 # "View run at" line it prints for every finished run costs a request and floods the trial lines.
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-                 "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "15", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+# After a failed call, logging pauses this long (then the next, ...) before it tries again; what
+# is not logged meanwhile is backfilled from the Optuna storage (`StudyRun.backfill`).
+BACKOFF_SECONDS = (5, 15, 60, 300)
 
 
 def _now_ms() -> int:
@@ -89,14 +96,6 @@ def _now_ms() -> int:
 
 def is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    """The database file of a `sqlite:///...` URI (None for in-memory or other schemes)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///"):].split("?")[0]
-    return Path(path).expanduser() if path and path != ":memory:" else None
 
 
 @contextlib.contextmanager
@@ -113,24 +112,9 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
-@contextlib.contextmanager
-def _store_lock(path: Path | None) -> Iterator[None]:
-    """Serialises the first use of a new SQLite store: MLflow creates its tables on first use,
-    and two worker processes doing that at once can fail with "table already exists"."""
-    if path is None:
-        yield
-        return
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, and concurrent first use is the user's risk
-        yield
-        return
-    with open(path.with_name(path.name + ".lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def _tracking_file(uri: str) -> Path | None:
+    """The database file of a SQLite tracking URI (None for a server or another database)."""
+    return sqlite_path(uri, "tracking_uri")
 
 
 def _reason(error: BaseException) -> str:
@@ -160,17 +144,18 @@ def check_tracking(uri: str, experiment: str | None = None) -> None:
     scheme = urlparse(uri).scheme
     if scheme in ("", "file") or re.fullmatch(r"[A-Za-z]", scheme):  # a path (C:\ on Windows)
         raise SearchError(
-            f"tracking_uri={uri}: a directory is MLflow's old file store, which MLflow 3 no longer "
+            f"tracking_uri={masked(uri)}: a directory is MLflow's old file store, which MLflow 3 no longer "
             f"supports. Use a database such as {DEFAULT_TRACKING_URI} (the default) or the http:// "
             "URL of an `mlflow server`." + off)
-    database = _sqlite_path(uri)
+    check_driver(uri, "tracking_uri")
+    database = _tracking_file(uri)
     if database is not None:
         folder = database.resolve().parent
         try:
             if uri == DEFAULT_TRACKING_URI:
                 folder.mkdir(parents=True, exist_ok=True)
             elif not folder.is_dir():
-                raise SearchError(f"tracking_uri={uri}: the folder {folder} does not exist.")
+                raise SearchError(f"tracking_uri={masked(uri)}: the folder {folder} does not exist.")
             check_writable(folder, "tracking_uri", uri, database)
         except (SearchError, OSError) as error:
             raise SearchError(f"{error}{off}") from None
@@ -178,18 +163,21 @@ def check_tracking(uri: str, experiment: str | None = None) -> None:
             return
     try:
         # One quick try: no retries, a short timeout (read when the request is made).
-        with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10"):
+        # A database store's first use creates its tables: under the lock that StudyRun takes.
+        with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10"), \
+                DatabaseLock(uri, "mlflow-schema") if not is_http(uri) else contextlib.nullcontext():
             client = MlflowClient(uri)
             found = (client.get_experiment_by_name(experiment) if experiment
                      else client.search_experiments(max_results=1) and None)
     except Exception as error:  # noqa: BLE001 - any failure here means "cannot log there"
         hint = (" Start it (e.g. `mlflow server --backend-store-uri sqlite:///mlflow.db "
                 "--host 127.0.0.1 --port 5000`) or fix the URL." if is_http(uri) else "")
-        raise SearchError(f"tracking_uri={uri}: cannot reach the MLflow tracking store "
-                          f"({_reason(error)}).{hint}{off}") from None
+        raise SearchError(f"tracking_uri={masked(uri)}: cannot reach the MLflow tracking store "
+                          f"({masked(_reason(error))}).{hint}{off}") from None
     if found is not None and found.lifecycle_stage != "active":
         raise SearchError(
-            f"study_name={experiment}: the MLflow experiment '{experiment}' in {uri} is deleted. "
+            f"study_name={experiment}: the MLflow experiment '{experiment}' in {masked(uri)} is "
+            "deleted. "
             f"Restore it (mlflow experiments restore --experiment-id {found.experiment_id}), "
             "purge it (mlflow gc), use another study_name, or add tracking_uri=none.")
 
@@ -213,7 +201,7 @@ def git_commit() -> str | None:
 def artifact_location(uri: str, experiment_name: str) -> str | None:
     """Where a new experiment keeps its artifacts: next to a SQLite store's file (so the default
     store keeps everything under `mlruns/`); the server decides for an http:// URI."""
-    database = _sqlite_path(uri)
+    database = _tracking_file(uri)
     if database is None:
         return None
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment_name) or "study"
@@ -254,35 +242,48 @@ class StudyRun:
                 os.environ.setdefault(key, value)
         started = time.perf_counter()
         self.config = config
-        self.client = client or MlflowClient(config.tracking_uri)
-        self.enabled = True
         self.seconds = 0.0
-        database = _sqlite_path(config.tracking_uri)
+        self._failures, self._paused_until = 0, 0.0
+        database = _tracking_file(config.tracking_uri)
         try:
-            with _store_lock(database):  # the first use of a new store creates its tables
+            # Opening a new store creates its tables: one process at a time, or two processes
+            # starting at once both run MLflow's migrations and one fails.
+            with DatabaseLock(config.tracking_uri, "mlflow-schema"):
                 if database is not None:  # each run's and metric's commit then skips disk syncs
                     with contextlib.closing(sqlite3.connect(database)) as connection:
                         write_ahead_log(connection)
+                self.client = client or MlflowClient(config.tracking_uri)
                 self.experiment_id = self._experiment_id()
         except Exception as error:  # noqa: BLE001 - a server that refuses us, a broken file
-            raise SearchError(f"tracking_uri={config.tracking_uri}: cannot open the experiment "
-                              f"'{config.study_name}' ({_reason(error)}). Add tracking_uri=none "
-                              "to run without MLflow logging.") from None
+            raise SearchError(f"tracking_uri={masked(config.tracking_uri)}: cannot open the "
+                              f"experiment '{config.study_name}' ({masked(_reason(error))}). Add "
+                              "tracking_uri=none to run without MLflow logging.") from None
         self.parent_run_id: str | None = None
         self.commit = git_commit()
         self.setup_seconds = time.perf_counter() - started
         self._lock = threading.Lock()
 
+    def available(self) -> bool:
+        """False while logging pauses after a failure (see `BACKOFF_SECONDS`)."""
+        return time.monotonic() >= self._paused_until
+
     @contextlib.contextmanager
     def guard(self, what: str) -> Iterator[None]:
-        """Times a logging step and keeps a failing tracking store from failing the study."""
+        """Times a logging step and keeps a failing tracking store from failing the study: a
+        failure pauses logging, with growing pauses, and the study goes on."""
         started = time.perf_counter()
         try:
             yield
-        except Exception as error:  # noqa: BLE001 - any logging failure: warn, log no more
-            self.enabled = False
-            print(f"warning: MLflow logging failed while {what} ({_reason(error)}); MLflow "
-                  "logging is off for the rest of this run, the study goes on.", file=sys.stderr)
+        except Exception as error:  # noqa: BLE001 - any logging failure: warn, pause, go on
+            pause = BACKOFF_SECONDS[min(self._failures, len(BACKOFF_SECONDS) - 1)]
+            self._failures += 1
+            self._paused_until = time.monotonic() + pause
+            print(f"warning: MLflow logging failed while {what} ({masked(_reason(error))}); "
+                  f"trying again in {pause} s. The study goes on; what is not logged meanwhile "
+                  "is backfilled from the study at its end (or by python -m search.sync).",
+                  file=sys.stderr, flush=True)
+        else:
+            self._failures = 0
         finally:
             self.seconds += time.perf_counter() - started
 
@@ -294,21 +295,26 @@ class StudyRun:
                 return self.client.create_experiment(
                     name, artifact_location=artifact_location(self.config.tracking_uri, name),
                     tags={"study_name": name, "model": self.config.model,
-                          "dataset": self.config.dataset})
+                          "dataset": self.config.dataset, **EXPERIMENT_KIND})
             except MlflowException as error:
                 if error.error_code != "RESOURCE_ALREADY_EXISTS":  # another worker won the race
                     raise
                 experiment = self.client.get_experiment_by_name(name)
         if experiment.lifecycle_stage != "active":
             raise SearchError(
-                f"study_name={name}: the MLflow experiment '{name}' in {self.config.tracking_uri} "
+                f"study_name={name}: the MLflow experiment '{name}' in "
+                f"{masked(self.config.tracking_uri)} "
                 f"is deleted. Restore it (mlflow experiments restore --experiment-id "
                 f"{experiment.experiment_id}), purge it (mlflow gc), use another study_name, or "
                 "add tracking_uri=none.")
+        if any(experiment.tags.get(k) != v for k, v in EXPERIMENT_KIND.items()):
+            for key, value in EXPERIMENT_KIND.items():  # an experiment made before the tag
+                self.client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
 
-    def parent_for(self, study: optuna.Study) -> str:
-        """The study's parent run: linked from the study, else found by tags, else created.
+    def parent_for(self, study: optuna.Study, running: bool = True) -> str:
+        """The study's parent run: linked from the study, else found by tags, else created;
+        marked RUNNING (with the config as config.yaml) when this process runs trials.
 
         Two workers starting a new study at once may both create one; each then keeps the
         oldest and deletes its own if it lost, so they agree on a single parent.
@@ -316,8 +322,9 @@ class StudyRun:
         with self._lock:
             if self.parent_run_id is None:
                 self.parent_run_id = self._find_parent(study) or self._create_parent(study)
-                self.client.update_run(self.parent_run_id, status="RUNNING")
-                self.client.log_text(self.parent_run_id, to_yaml(self.config), "config.yaml")
+                if running:
+                    self.client.update_run(self.parent_run_id, status="RUNNING")
+                    self.client.log_text(self.parent_run_id, to_yaml(self.config), "config.yaml")
             return self.parent_run_id
 
     def _active_run(self, run_id: str | None):
@@ -339,7 +346,7 @@ class StudyRun:
         earliest = (first_start.timestamp() * 1000 - CLOCK_SLACK_MS) if first_start else 0
         mine = [r for r in runs
                 if r.data.tags.get("study_name") == study.study_name
-                and r.data.tags.get("optuna_storage") == self.config.storage
+                and r.data.tags.get("optuna_storage") == masked(self.config.storage)
                 and r.info.start_time >= earliest]
         return sorted(mine, key=lambda r: (r.info.start_time, r.info.run_id))
 
@@ -355,7 +362,8 @@ class StudyRun:
 
     def _create_parent(self, study: optuna.Study) -> str:
         config = self.config
-        tags = {ROLE_TAG: "study", "study_name": study.study_name, "optuna_storage": config.storage,
+        tags = {ROLE_TAG: "study", "study_name": study.study_name,
+                "optuna_storage": masked(config.storage),
                 "model": config.model, "dataset": config.dataset,
                 "fingerprint": config.fingerprint(), "mlflow.source.name": "search.run"}
         if self.commit:
@@ -382,50 +390,133 @@ class StudyRun:
                               metrics=[Metric("best_val_accuracy", float(value), _now_ms(), step)])
 
     def end(self, study: optuna.Study, interrupted: bool) -> None:
-        """Closes the parent run (KILLED on Ctrl-C), marks child runs of trials that died with
-        their worker, and records trial counts and the final best."""
-        if not self.enabled:
-            return
+        """Backfills every trial's run from the study, then closes the parent run (KILLED on
+        Ctrl-C); says what was backfilled, or how to backfill once the store answers."""
         with self.guard("closing the study's run"):
-            parent = self.parent_run_id
-            if parent is None:  # no trial ran in this process: close the linked run, if any
-                linked = self._active_run(study.user_attrs.get(PARENT_RUN_ATTR))
-                if linked is None:
-                    return
-                parent = self.parent_run_id = linked.info.run_id
-            trials = study.get_trials(deepcopy=False)
-            self._close_orphans(parent, {t.number: t for t in trials})
-            counts = {s: sum(t.state == s for t in trials) for s in TrialState}
-            tags = [RunTag(f"n_{s.name.lower()}", str(n)) for s, n in counts.items()
-                    if s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
-            self.client.log_batch(parent, tags=tags)
-            complete = [t for t in trials if t.state == TrialState.COMPLETE]
-            if complete:
-                best = max(complete, key=lambda t: t.value)
-                self.log_best(best.number, best.value, best.params,
-                              best.user_attrs.get(RUN_ID_ATTR, ""), step=trials[-1].number)
-            self.client.set_terminated(parent, "KILLED" if interrupted else "FINISHED")
+            created, completed = self.backfill(study)
+            self.close_parent(study, "KILLED" if interrupted else "FINISHED")
+            if created or completed:
+                print(f"MLflow: {created} trial run(s) backfilled from the study and {completed} "
+                      "completed (logging had failed while they ran).", flush=True)
+            return
+        missing = sum(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))
+        print(f"MLflow: the tracking store still fails; up to {missing} trial run(s) may be "
+              f"missing or incomplete. Once it answers: python -m search.sync study="
+              f"{self.config.study} storage={masked(self.config.storage)}"
+              + (f" study_name={self.config.study_name}"
+                 if self.config.study_name != self.config.study else ""), file=sys.stderr)
 
-    def _close_orphans(self, parent: str, trials: dict[int, optuna.trial.FrozenTrial]) -> None:
-        """Child runs left RUNNING by a worker that was killed (SIGKILL, lost machine): Optuna's
-        heartbeat has marked their trials FAIL, so the runs follow."""
-        stale = self.client.search_runs(
-            [self.experiment_id], max_results=1000,
-            filter_string=f"tags.`{PARENT_TAG}` = '{parent}' and attributes.status = 'RUNNING'")
-        for run in stale:
-            number = run.data.tags.get("trial_number")
-            trial = trials.get(int(number)) if number and number.isdigit() else None
-            if trial is None or trial.state in (TrialState.RUNNING, TrialState.WAITING):
-                continue
-            tags = [RunTag("state", trial.state.name)]
-            if trial.state == TrialState.FAIL:
-                reason = trial.user_attrs.get("fail_reason", "the worker running it stopped")
-                tags.append(RunTag("fail_reason", str(reason)[:5000]))
-            self.client.log_batch(run.info.run_id, tags=tags)
-            self.client.set_terminated(run.info.run_id, RUN_STATUS.get(trial.state, "FAILED"))
+    def close_parent(self, study: optuna.Study, status: str) -> None:
+        """Trial counts and the final best on the parent run, then its status."""
+        parent = self.parent_for(study, running=False)
+        trials = study.get_trials(deepcopy=False)
+        counts = {s: sum(t.state == s for t in trials) for s in TrialState}
+        self.client.log_batch(parent, tags=[
+            RunTag(f"n_{s.name.lower()}", str(n)) for s, n in counts.items()
+            if s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)])
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        if complete:
+            best = max(complete, key=lambda t: t.value)
+            self.log_best(best.number, best.value, best.params,
+                          best.user_attrs.get(RUN_ID_ATTR, ""), step=trials[-1].number)
+        self.client.set_terminated(parent, status)
 
+    # -- backfilling from the Optuna storage (the source of truth)
+
+    def backfill(self, study: optuna.Study) -> tuple[int, int]:
+        """Creates the run of every trial that has none and completes every run that stopped
+        short of its trial (an outage, a killed worker), without duplicating what exists.
+        Returns (runs created, runs completed)."""
+        parent = self.parent_for(study, running=False)
+        runs: dict[int, list] = {}
+        for run in self.client.search_runs(
+                [self.experiment_id], max_results=50_000,
+                filter_string=f"tags.`{ROLE_TAG}` = 'trial' and tags.`{PARENT_TAG}` = '{parent}'"):
+            number = run.data.tags.get("trial_number", "")
+            if number.isdigit():
+                runs.setdefault(int(number), []).append(run)
+        created = completed = 0
+        for trial in study.get_trials(deepcopy=False):
+            if trial.state in (TrialState.WAITING, TrialState.RUNNING):
+                continue  # not over yet: the process running it logs it
+            mine = runs.get(trial.number, [])
+            linked = trial.user_attrs.get(RUN_ID_ATTR)
+            run = next((r for r in mine if r.info.run_id == linked), mine[0] if mine else None)
+            if run is None:
+                self._create_trial_run(trial, parent)
+                created += 1
+            elif run.info.status != RUN_STATUS.get(trial.state, "FAILED"):
+                self._finish_trial_run(run.info.run_id, trial)
+                completed += 1
+        return created, completed
+
+    def trial_tags(self, trial: optuna.Trial | FrozenTrial, parent: str) -> dict[str, str]:
+        tags = {PARENT_TAG: parent, ROLE_TAG: "trial", "study_name": self.config.study_name,
+                "trial_number": str(trial.number), "state": "RUNNING",
+                "device": str(resolve_device(self.config.device)),
+                "torch_version": torch.__version__, "mlflow.source.name": "search.run"}
+        if self.commit:
+            tags[GIT_COMMIT_TAG] = self.commit
+        for attr in ("baseline", RETRY_OF_ATTR):
+            if trial.user_attrs.get(attr) is not None:
+                tags[attr] = str(trial.user_attrs[attr])
+        return tags
+
+    def trial_params(self, params: dict[str, Any]) -> list[Param]:
+        fixed = {"model": self.config.model, "dataset": self.config.dataset,
+                 "epochs": self.config.epochs, "seed": self.config.seed}
+        return [Param(k, _param_value(v)) for k, v in {**fixed, **params}.items()]
+
+    def _create_trial_run(self, trial: FrozenTrial, parent: str) -> None:
+        start = int(trial.datetime_start.timestamp() * 1000) if trial.datetime_start else None
+        run = self.client.create_run(self.experiment_id, start_time=start,
+                                     tags={**self.trial_tags(trial, parent), "backfilled": "true"},
+                                     run_name=f"trial-{trial.number:04d}")
+        self.client.log_batch(run.info.run_id,
+                              params=self.trial_params(space_params(trial, self.config.space)))
+        self._finish_trial_run(run.info.run_id, trial)
+
+    def _finish_trial_run(self, run_id: str, trial: FrozenTrial) -> None:
+        """The epochs the run lacks, the final metrics and tags, the status (from the trial)."""
+        logged = {m.step for m in self.client.get_metric_history(run_id, "val_accuracy")}
+        now = _now_ms()
+        metrics = [Metric(k, float(v), now, epoch["epoch"])
+                   for epoch in trial_epochs(trial) if epoch["epoch"] not in logged
+                   for k, v in epoch.items() if k != "epoch" and v is not None]
+        metrics += final_metrics(trial.user_attrs, len(trial.intermediate_values))
+        end = int(trial.datetime_complete.timestamp() * 1000) if trial.datetime_complete else now
+        for start in range(0, len(metrics), 900):  # MLflow takes at most 1000 per batch
+            self.client.log_batch(run_id, metrics=metrics[start:start + 900])
+        self.client.log_batch(run_id, tags=end_tags(trial.state, trial.user_attrs))
+        self.client.set_terminated(run_id, RUN_STATUS.get(trial.state, "FAILED"), end_time=end)
 
 # ---------------------------------------------------------------- one run per trial
+
+def trial_epochs(trial: FrozenTrial) -> list[dict[str, Any]]:
+    """A finished trial's per-epoch metrics as the objective recorded them, else (a trial whose
+    process died) the validation accuracies Optuna has."""
+    recorded = trial.user_attrs.get("epochs")
+    if isinstance(recorded, list) and recorded:
+        return recorded
+    return [{"epoch": e, "val_accuracy": v} for e, v in sorted(trial.intermediate_values.items())]
+
+
+def final_metrics(attrs: dict[str, Any], step: int) -> list[Metric]:
+    now = _now_ms()
+    return [Metric(name, float(attrs[key]), now, step)
+            for key, name in FINAL_METRICS.items() if attrs.get(key) is not None]
+
+
+def end_tags(state: TrialState, attrs: dict[str, Any]) -> list[RunTag]:
+    tags = [RunTag("state", state.name)]
+    for key in ("pruned_at_epoch", "over_budget", "resumed_from_epoch"):
+        if key in attrs:
+            tags.append(RunTag(key, str(attrs[key])))
+    if state == TrialState.FAIL:
+        reason = attrs.get("fail_reason") or "unexpected error (see the console output)"
+        tags.append(RunTag("fail_reason", str(reason)[:5000]))
+    return tags
+
 
 class TrialLogger:
     """A `TrialObserver` logging each trial of this process as a run nested under the study's
@@ -434,40 +525,25 @@ class TrialLogger:
     def __init__(self, study_run: StudyRun) -> None:
         self.study_run = study_run
         self.client = study_run.client
-        self.config = study_run.config
-        self.device = str(resolve_device(self.config.device))
         self.trials = 0
         self._runs: dict[int, str] = {}   # trial number -> run id (threads may share a logger)
 
     def trial_started(self, trial: optuna.Trial, params: dict[str, Any]) -> None:
-        if not self.study_run.enabled:
+        if not self.study_run.available():
             return
         self.trials += 1
         with self.study_run.guard(f"starting trial {trial.number}"):
-            parent = self.study_run.parent_for(trial.study)
-            tags = {PARENT_TAG: parent, ROLE_TAG: "trial", "study_name": trial.study.study_name,
-                    "trial_number": str(trial.number), "state": "RUNNING",
-                    "device": self.device, "torch_version": torch.__version__,
-                    "mlflow.source.name": "search.run"}
-            if self.study_run.commit:
-                tags[GIT_COMMIT_TAG] = self.study_run.commit
-            baseline = trial.user_attrs.get("baseline")
-            if baseline is not None:
-                tags["baseline"] = str(baseline)
+            tags = self.study_run.trial_tags(trial, self.study_run.parent_for(trial.study))
             start = int(trial.datetime_start.timestamp() * 1000) if trial.datetime_start else None
             run = self.client.create_run(self.study_run.experiment_id, start_time=start,
                                          tags=tags, run_name=f"trial-{trial.number:04d}")
-            run_id = run.info.run_id
-            self._runs[trial.number] = run_id
-            trial.set_user_attr(RUN_ID_ATTR, run_id)
-            fixed = {"model": self.config.model, "dataset": self.config.dataset,
-                     "epochs": self.config.epochs, "seed": self.config.seed}
-            self.client.log_batch(run_id, params=[Param(k, _param_value(v))
-                                                  for k, v in {**fixed, **params}.items()])
+            self._runs[trial.number] = run.info.run_id
+            trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
+            self.client.log_batch(run.info.run_id, params=self.study_run.trial_params(params))
 
     def epoch_ended(self, trial: optuna.Trial, metrics: EpochMetrics) -> None:
         run_id = self._runs.get(trial.number)
-        if not self.study_run.enabled or run_id is None:
+        if run_id is None or not self.study_run.available():
             return
         with self.study_run.guard(f"logging epoch {metrics.epoch} of trial {trial.number}"):
             now = _now_ms()
@@ -477,20 +553,12 @@ class TrialLogger:
     def trial_finished(self, trial: optuna.Trial, state: TrialState, params: dict[str, Any],
                        attrs: dict[str, Any], history: list[EpochMetrics]) -> None:
         run_id = self._runs.pop(trial.number, None)
-        if not self.study_run.enabled or run_id is None:
-            return
+        if run_id is None or not self.study_run.available() or state == TrialState.RUNNING:
+            return  # (RUNNING: the storage failed; the backfill closes the run once recovered)
         with self.study_run.guard(f"finishing trial {trial.number}"):
-            now, step = _now_ms(), len(history)
-            metrics = [Metric(name, float(attrs[key]), now, step)
-                       for key, name in FINAL_METRICS.items() if attrs.get(key) is not None]
-            tags = [RunTag("state", state.name)]
-            if "pruned_at_epoch" in attrs:
-                tags.append(RunTag("pruned_at_epoch", str(attrs["pruned_at_epoch"])))
-            if state == TrialState.FAIL:
-                reason = attrs.get("fail_reason") or "unexpected error (see the console output)"
-                tags.append(RunTag("fail_reason", str(reason)[:5000]))
-            self.client.log_batch(run_id, metrics=metrics, tags=tags)
-            self.client.set_terminated(run_id, RUN_STATUS.get(state, "FAILED"), end_time=now)
+            self.client.log_batch(run_id, metrics=final_metrics(attrs, len(history)),
+                                  tags=end_tags(state, attrs))
+            self.client.set_terminated(run_id, RUN_STATUS.get(state, "FAILED"), end_time=_now_ms())
             if state == TrialState.COMPLETE and history:
                 self._update_best(trial, history[-1].val_accuracy, params, run_id)
 
@@ -510,8 +578,9 @@ class TrialLogger:
     def close(self) -> None:
         """Prints what logging this process's trials cost."""
         if self.trials:
+            config = self.study_run.config
             print(f"MLflow: {self.trials} trial run(s) logged to experiment "
-                  f"'{self.config.study_name}' in {self.config.tracking_uri}; logging took "
+                  f"'{config.study_name}' in {masked(config.tracking_uri)}; logging took "
                   f"{self.study_run.seconds / self.trials * 1000:.0f} ms per trial "
                   f"(+{self.study_run.setup_seconds:.1f} s once to connect).", flush=True)
 

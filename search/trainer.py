@@ -12,6 +12,7 @@ host inside an epoch (losses and hits are summed on the device and read once per
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -132,14 +133,19 @@ def build_optimizer(model: nn.Module, params: Mapping[str, Any]) -> torch.optim.
     """
     settings = trainer_settings(params)
     name, args = optimizer_settings(params)
+    lr, weight_decay = settings["lr"], settings["weight_decay"]
+    if settings["decoupled"]:
+        # airbench94: lr per 1024 examples, so a larger batch takes a larger step; the decay per
+        # step, lr * weight_decay in torch, becomes weight_decay per 1024 examples, whatever lr is.
+        lr = lr * settings["batch_size"] / 1024
+        weight_decay = weight_decay * settings["batch_size"] / 1024 / lr
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": settings["weight_decay"]},
+    groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     # One fused kernel per step instead of a loop over tensors: 3-10x faster steps on CPU,
     # and far fewer kernel launches on GPU. Same update rule, rounding may differ.
     fused = {"fused": True} if _fused_supported(model) else {}
-    lr = settings["lr"]
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=args["momentum"],
                                nesterov=args["nesterov"] and args["momentum"] > 0, **fused)
@@ -231,10 +237,14 @@ def train(model_name: str, params: Mapping[str, Any], *, train_data: ImageSet,
           val_data: ImageSet | None, spec: DatasetSpec, epochs: int, seed: int,
           device: str | torch.device = "auto",
           on_epoch: Callable[[EpochMetrics], bool] | None = None,
-          speed: Speed | None = None) -> TrainResult:
+          speed: Speed | None = None, resume_from: dict[str, Any] | None = None,
+          checkpoint: Callable[[Callable[[], dict[str, Any]]], None] | None = None) -> TrainResult:
     """Trains for up to `epochs`; `on_epoch` returning True stops training after that epoch.
 
-    `speed` None means `Speed.for_device(device)`, the measured defaults.
+    `speed` None means `Speed.for_device(device)`, the measured defaults. After every epoch
+    that training goes on from, `checkpoint` (if given) receives a function that returns the
+    whole training state (model, optimizer, schedule, random generators, history); training
+    started with `resume_from=` that state continues from the next epoch as if never stopped.
 
     Raises:
         TrainingDiverged: the training loss became NaN or infinite.
@@ -262,8 +272,18 @@ def train(model_name: str, params: Mapping[str, Any], *, train_data: ImageSet,
     schedule = build_schedule(optimizer, params, epochs, len(train_loader))
     criterion = nn.CrossEntropyLoss(label_smoothing=settings["label_smoothing"])
     result = TrainResult(model=model, parameter_count=count_parameters(model))
+    first = 1
+    if resume_from is not None:
+        first = _restore(resume_from, model, optimizer, schedule, train_loader, result) + 1
 
-    for epoch in range(1, epochs + 1):
+    def state() -> dict[str, Any]:
+        return {"epoch": result.history[-1].epoch, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                "history": [dataclasses.asdict(m) for m in result.history]}
+
+    for epoch in range(first, epochs + 1):
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         model.train()
@@ -296,4 +316,21 @@ def train(model_name: str, params: Mapping[str, Any], *, train_data: ImageSet,
         if on_epoch is not None and on_epoch(metrics):
             result.stopped_early = epoch < epochs
             break
+        if checkpoint is not None and epoch < epochs:
+            checkpoint(state)
     return result
+
+
+def _restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+             schedule: torch.optim.lr_scheduler.LRScheduler, loader: BatchLoader,
+             result: TrainResult) -> int:
+    """Puts a checkpoint's state back; returns the last epoch it had trained."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    loader.epoch = state["epoch"]  # the loader draws each epoch's order from (seed, epoch)
+    result.history.extend(EpochMetrics(**m) for m in state["history"])
+    return state["epoch"]

@@ -31,7 +31,7 @@ from datetime import datetime
 import optuna
 
 from search.cli import main_guard
-from search.config import load_config
+from search.config import StudyConfig, load_config
 from search.objective import StopSignal, storage_cause
 from search.progress import TrialLines
 from search.session import Session, storage_failure
@@ -40,20 +40,32 @@ WORKER_FLAG = "--worker"
 STOP_GRACE_SECONDS = 60  # how long an interrupted worker may take to mark its trial FAIL
 
 
+def placement(config: StudyConfig) -> list[tuple[dict[str, str], list[str]]]:
+    """Per trial process (0 is the main one): the environment and the extra overrides that put
+    it on its GPU slot. With `gpus=[0,1] workers_per_gpu=2` the slots are GPUs 0, 1, 0, 1; a
+    worker sees only its GPU (CUDA_VISIBLE_DEVICES) and trains on cuda:0, which is that GPU."""
+    if config.gpus is None:
+        return [({}, [])] * config.workers
+    slots = [gpu for _ in range(config.workers_per_gpu) for gpu in config.gpus]
+    return [({"CUDA_VISIBLE_DEVICES": str(gpu)},
+             ["gpus=null", f"workers={config.workers}", "device=cuda:0"]) for gpu in slots]
+
+
 class Workers:
     """The N-1 worker processes the main process starts, waits for and stops."""
 
-    def __init__(self, count: int, overrides: Sequence[str], since: datetime) -> None:
-        self.count, self.overrides, self.since = count, list(overrides), since
+    def __init__(self, config: StudyConfig, overrides: Sequence[str], since: datetime) -> None:
+        self.config, self.overrides, self.since = config, list(overrides), since
         self.processes: list[subprocess.Popen] = []
 
     def start(self) -> None:
         command = [sys.executable, "-m", "search.workers", WORKER_FLAG, str(os.getpid()),
                    self.since.isoformat()]
-        for index in range(1, self.count + 1):
+        for index, (env, extra) in enumerate(placement(self.config)[1:], 1):
             # Own process group: Ctrl-C reaches only the main process, which forwards it once.
-            self.processes.append(subprocess.Popen([*command, str(index), *self.overrides],
-                                                   process_group=0))
+            self.processes.append(subprocess.Popen(
+                [*command, str(index), *self.overrides, *extra], process_group=0,
+                env={**os.environ, **env}))
 
     def wait(self, stop: StopSignal) -> None:
         """Until every worker has exited; polled, so that a held Ctrl-C gets through."""
@@ -99,7 +111,7 @@ def worker_main(argv: list[str]) -> int:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     config = load_config(argv[4:])
     try:
-        session = Session.join(config, index)
+        session = Session.join(config)
         try:
             session.run_trials(stop, [TrialLines(index, session.config.n_trials)], since=since,
                                parent_pid=parent_pid)

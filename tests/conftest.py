@@ -19,6 +19,8 @@ import pytest
 import torch
 from threadpoolctl import threadpool_limits
 
+from benchmarks.postgres_server import PostgresServer, binaries
+
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -48,8 +50,8 @@ def cli_env() -> dict[str, str]:
     return env
 
 
-def start_cli(module: str, *args: str, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=cli_env(),
+def start_cli(module: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env or cli_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -146,3 +148,24 @@ def mlflow_server(tmp_path_factory) -> Iterator[str]:
     server.start()
     yield server.url
     server.stop()
+
+
+# ---------------------------------------------------------------- a real PostgreSQL server
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL server (Debian's binaries, initdb in a temp folder, a loopback
+    port), ready once pg_isready says so; skipped where PostgreSQL is not installed."""
+    if binaries() is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    server = PostgresServer.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_databases(postgres, request) -> tuple[str, str]:
+    """Fresh Optuna and MLflow databases on the server, for one test."""
+    stem = "".join(c for c in request.node.name.lower() if c.isalnum())[-40:]
+    return (postgres.url(postgres.create_database(f"optuna_{stem}")),
+            postgres.url(postgres.create_database(f"mlflow_{stem}")))

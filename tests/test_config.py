@@ -36,14 +36,15 @@ def test_resnet20_space_has_width_multiplier_and_stem():
 
 def test_overrides_reach_every_level():
     config = load_config(["study=cnn3", "epochs=4", "n_trials=7", "sampler=random", "pruner=median",
-                          "pruner.n_warmup_steps=0", "space.lr.high=0.05", "space.lr.low=1e-5",
+                          "pruner.n_warmup_steps=0", "space.lr.ranges.optimizer.adam=[1e-5,0.05]",
                           "space.optimizer.choices=[sgd,adam]", "space.dropout=0.2",
                           "timeout=30", "study_name=other", "storage=sqlite:///x.db"])
     by_name = {spec.name: spec for spec in config.space}
     assert (config.epochs, config.n_trials, config.timeout) == (4, 7, 30.0)
     assert config.sampler.name == "random" and config.pruner.name == "median"
     assert config.pruner.n_warmup_steps == 0
-    assert (by_name["lr"].low, by_name["lr"].high, by_name["lr"].log) == (1e-5, 0.05, True)
+    assert by_name["lr"].bounds({"optimizer": "adam"}) == (1e-5, 0.05) and by_name["lr"].log
+    assert by_name["lr"].bounds({"optimizer": "sgd"}) == (0.01, 0.3)  # the study file's
     assert by_name["optimizer"].choices == ("sgd", "adam")
     assert by_name["dropout"].kind == "fixed" and by_name["dropout"].value == 0.2
     assert (config.study_name, config.storage) == ("other", "sqlite:///x.db")
@@ -65,7 +66,7 @@ def test_fingerprint_follows_what_defines_a_trial():
     base = load_config(["study=cnn3"]).fingerprint()
     assert load_config(["study=cnn3", "n_trials=99", "timeout=5"]).fingerprint() == base
     assert load_config(["study=cnn3", "epochs=3"]).fingerprint() != base
-    assert load_config(["study=cnn3", "space.lr.high=0.1"]).fingerprint() != base
+    assert load_config(["study=cnn3", "space.lr.ranges.optimizer.sgd=[0.01,0.1]"]).fingerprint() != base
 
 
 @pytest.mark.parametrize("args, expected", [
@@ -77,7 +78,13 @@ def test_fingerprint_follows_what_defines_a_trial():
     (["study=cnn3", "n_trials=2.5"], ["n_trials"]),
     (["study=cnn3", "space.optimizer.choices=[sgd,"], ["malformed value"]),
     (["study=cnn3", "space.lr.low=0.5", "space.lr.high=0.1"], ["space.lr", "low=0.5 is greater than high=0.1"]),
-    (["study=cnn3", "space.lr.low=0"], ["space.lr", "log range needs low > 0"]),
+    (["study=cnn3", "space.weight_decay.low=0"], ["space.weight_decay", "log range needs low > 0"]),
+    (["study=cnn3", "space.lr.low=0.001"], ["space.lr", "give both low and high"]),
+    (["study=cnn3", "space.lr.low=0.001", "space.lr.high=0.1"], ["low and high are not used"]),
+    (["study=cnn3", "space.lr.ranges.optimizer.lbfgs=[0.1,1]"], ["lbfgs", "which it never is"]),
+    (["study=cnn3", "space.lr.ranges.optimizer.sgd=[0.1,0.01]"], ["empty range for optimizer=sgd"]),
+    (["study=cnn3", "space.momentum.ranges={optimizer: {sgd: [0.5, 2]}}", "space.momentum.low=0",
+      "space.momentum.high=0.9"], ["space.momentum", "2 is out of range"]),
     (["study=cnn3", "space.weight_decay.low=-1"], ["space.weight_decay", "low > 0"]),
     (["study=cnn3", "space.optimizer.choices=[]"], ["space.optimizer", "non-empty"]),
     (["study=cnn3", "space.optimizer.choices=[sgd,lion]"], ["lion", "sgd, adam, adamw, rmsprop, adagrad"]),

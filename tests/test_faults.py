@@ -15,10 +15,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-import optuna
 import pytest
-from optuna.trial import TrialState
-
 from conftest import SMALL_CNN, cli_env, run_cli
 
 pytestmark = pytest.mark.slow

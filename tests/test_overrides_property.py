@@ -14,7 +14,8 @@ from search.config import SECTIONS, SETTINGS, StudyConfig, load_config
 from search.errors import SearchError
 from search.params import PARAMS
 
-FIELDS = ("type", "low", "high", "log", "step", "choices", "when")
+FIELDS = ("type", "low", "high", "log", "step", "choices", "when", "ranges",
+          "ranges.optimizer", "ranges.optimizer.sgd")
 KNOWN_KEYS = [
     *SETTINGS,
     *[f"{section}.{name}" for section, (cls, _) in SECTIONS.items()
@@ -52,7 +53,7 @@ def check(words: list[str]) -> None:
     for spec in config.space:
         param = PARAMS[spec.name]
         produced = ([spec.value] if spec.kind == "fixed" else list(spec.choices)
-                    if spec.kind == "categorical" else [spec.low, spec.high])
+                    if spec.kind == "categorical" else [b for pair in spec.all_bounds() for b in pair])
         assert all(param.problem(v) is None for v in produced), (words, spec)
 
 

@@ -27,10 +27,10 @@ def config_for(storage: str, *extra: str):
 
 def test_baseline_is_trial_zero_and_not_enqueued_twice(storage):
     config = load_config(["study=cnn3", f"storage={storage}", "dataset=fake", "epochs=2"])
-    study, resumed = open_study(config)
-    assert not resumed
-    study, resumed = open_study(config)
-    assert resumed
+    study, created, _ = open_study(config)
+    assert created
+    study, created, _ = open_study(config)
+    assert not created
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert len(waiting) == 1 and waiting[0].number == 0
     trial = study.ask()
@@ -40,12 +40,12 @@ def test_baseline_is_trial_zero_and_not_enqueued_twice(storage):
 
 def test_changed_config_is_refused_and_storage_untouched(storage):
     open_study(config_for(storage))
-    changed = config_for(storage, "epochs=3", "space.lr.high=0.05")
+    changed = config_for(storage, "epochs=3", "space.weight_decay.high=0.05")
     before = optuna.load_study(study_name="cnn3", storage=storage).user_attrs
     with pytest.raises(SearchError) as caught:
         check_resume(changed)
     message = str(caught.value)
-    assert "epochs: 2 -> 3" in message and "space.lr.high: 0.3 -> 0.05" in message
+    assert "epochs: 2 -> 3" in message and "space.weight_decay.high: 0.01 -> 0.05" in message
     assert "study_name=" in message
     assert optuna.load_study(study_name="cnn3", storage=storage).user_attrs == before
     # n_trials and timeout are not part of what a trial means: resuming with new ones is fine.
@@ -130,7 +130,7 @@ def test_hyperband_reads_the_storage_once_per_trial_and_decides_as_optunas(tmp_p
 
 
 def _run(config, n_trials, monkeypatch=None):
-    study, _ = open_study(config)
+    study, _, _ = open_study(config)
     data = load_search_data(config.dataset, config.data_dir, val_size=None, seed=config.seed)
     objective = Objective(config, data, torch.device("cpu"))
     study.optimize(objective, n_trials=n_trials, catch=(TrialFailed,))
@@ -138,7 +138,7 @@ def _run(config, n_trials, monkeypatch=None):
 
 
 def test_diverging_trial_fails_alone(storage):
-    config = config_for(storage, "space.optimizer=sgd", "space.lr.low=1e5", "space.lr.high=1e6",
+    config = config_for(storage, "space.optimizer=sgd", "space.lr.ranges.optimizer.sgd=[1e5,1e6]",
                         "space.batch_norm=false", "n_trials=2")
     study = _run(config, 2)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]

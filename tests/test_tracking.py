@@ -8,11 +8,12 @@ FAILED/KILLED paths, the checks of the tracking URI, and that a failing store ne
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import optuna
 import pytest
-from conftest import SMALL_CNN, finish, free_port, start_cli
+from conftest import SMALL_CNN, MlflowServer, finish, free_port, run_cli, start_cli
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
@@ -86,8 +87,13 @@ def check_study_in_mlflow(client: MlflowClient, study: optuna.Study) -> None:
     trials = study.get_trials()
     assert sorted(int(r.data.tags["trial_number"]) for r in children) == [t.number for t in trials]
     by_id = {r.info.run_id: r for r in children}
+    by_number = {int(r.data.tags["trial_number"]): r for r in children}
     for trial in trials:
-        run = by_id[trial.user_attrs[RUN_ID_ATTR]]  # the trial leads to its run ...
+        if RUN_ID_ATTR in trial.user_attrs:  # logged live: the trial leads to its run ...
+            run = by_id[trial.user_attrs[RUN_ID_ATTR]]
+        else:  # backfilled after an outage (a finished trial can no longer be written to)
+            run = by_number[trial.number]
+            assert run.data.tags["backfilled"] == "true"
         assert run.data.tags["trial_number"] == str(trial.number)  # ... and back
         assert run.info.run_name == f"trial-{trial.number:04d}"
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
@@ -268,7 +274,7 @@ def test_a_failing_tracking_store_warns_and_never_fails_the_trial(mlflow_server,
     tracker.trial_started(trial, {"lr": 0.1})
     tracker.epoch_ended(trial, _metrics(1, 0.5))
     tracker.trial_finished(trial, TrialState.COMPLETE, {"lr": 0.1}, {}, [_metrics(1, 0.5)])
-    assert not study_run.enabled
+    assert not study_run.available()
     assert "MLflow logging failed" in capsys.readouterr().err
 
 
@@ -290,3 +296,41 @@ def test_final_evaluations_are_logged_under_the_study_parent(mlflow_server, tmp_
     assert run.data.metrics["test_accuracy"] == 0.75 and run.data.params["lr"] == "0.1"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
     assert run.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_an_mlflow_outage_mid_study_loses_no_run(tmp_path):
+    (tmp_path / "server").mkdir()
+    server = MlflowServer(tmp_path / "server")
+    server.start()
+    storage = f"sqlite:///{tmp_path}/o.db"
+    common = [f"storage={storage}", f"tracking_uri={server.url}"]
+    process = start_cli("search.run", *TINY, *common, "n_trials=6", cwd=tmp_path)
+
+    def finished() -> int:
+        try:
+            return len(optuna.load_study(study_name="cnn3", storage=storage).get_trials(states=DONE))
+        except KeyError:
+            return 0
+
+    deadline = time.monotonic() + 120
+    while finished() < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    server.stop()  # the tracking server goes away mid-study
+    result = finish(process, timeout=300)
+    assert result.returncode == 0, result.stderr  # the study is not hurt
+    assert "MLflow logging failed" in result.stderr and "python -m search.sync" in result.stderr
+    study = optuna.load_study(study_name="cnn3", storage=storage)
+    assert len(study.get_trials(states=DONE)) == 6
+
+    server.start()  # back, on the same port and store
+    try:
+        synced = run_cli("search.sync", "study=cnn3", *common, cwd=tmp_path)
+        assert synced.returncode == 0, synced.stderr
+        client = MlflowClient(server.url)
+        check_study_in_mlflow(client, study)  # every trial has its run, complete, exactly once
+        again = run_cli("search.sync", "study=cnn3", *common, cwd=tmp_path)
+        assert again.returncode == 0 and "0 run(s) created, 0 completed" in again.stdout
+        assert len(study_runs(client, "cnn3")[1]) == len(study.trials)  # nothing duplicated
+    finally:
+        server.stop()

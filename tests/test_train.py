@@ -28,7 +28,7 @@ def storage(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A study with one trial run by the search's own objective."""
     url = f"sqlite:///{tmp_path_factory.mktemp('train') / 'optuna.db'}"
     config = load_config(["study=cnn3", f"storage={url}", *TINY])
-    study, _ = open_study(config)
+    study, _, _ = open_study(config)
     with one_thread():
         data = load_search_data("fake", config.data_dir, val_size=None, seed=config.seed)
         study.optimize(Objective(config, data, torch.device("cpu")), n_trials=1)

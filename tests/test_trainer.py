@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
@@ -80,3 +82,31 @@ def test_schedules():
             optimizer.step()
             schedule.step()
         assert optimizer.param_groups[0]["lr"] == pytest.approx(expected_end, abs=0.01), name
+
+
+@pytest.mark.parametrize("params", [
+    {**SMALL, "augment": True, "dropout": 0.3, "schedule": "cosine"},   # random crops, dropout
+    {**SMALL, "optimizer": "sgd", "momentum": 0.9, "schedule": "step", "gamma": 0.5,
+     "step_size": 1},
+])
+def test_resuming_from_a_checkpoint_continues_as_if_never_stopped(fake, params):
+    train_set, val_set, spec = fake
+    kwargs = dict(train_data=train_set, val_data=val_set, spec=spec, epochs=4, seed=3,
+                  device="cpu")
+    straight = train("cnn3", params, **kwargs).history
+    saved = io.BytesIO()
+
+    def after(epoch_state):  # the checkpoint after epoch 2, serialised as a trial saves it
+        if epoch_state()["epoch"] == 2:
+            torch.save(epoch_state(), saved)
+
+    # A run that dies during its third epoch, after the second epoch's checkpoint ...
+    train("cnn3", params, **kwargs, checkpoint=after, on_epoch=lambda m: m.epoch == 3)
+    saved.seek(0)
+    # ... and a new one that resumes from that checkpoint.
+    resumed = train("cnn3", params, **kwargs, resume_from=torch.load(saved, weights_only=False))
+    assert [m.epoch for m in resumed.history] == [1, 2, 3, 4]
+    for ours, theirs in zip(resumed.history, straight, strict=True):
+        assert ours.train_loss == pytest.approx(theirs.train_loss, rel=1e-5)
+        assert ours.val_accuracy == theirs.val_accuracy
+        assert ours.lr == pytest.approx(theirs.lr)

@@ -9,12 +9,15 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from conftest import TINY, load, run_cli
 from optuna.trial import TrialState
 
 from search.config import load_config
 from search.objective import StopSignal, TrialFailed
+from search.errors import SearchError
 from search.session import run_reserved
+from search.workers import placement
 
 
 def _run_threads(tmp_path: Path, n_trials: int, threads: int, objective) -> optuna.Study:
@@ -80,3 +83,26 @@ def test_two_processes_finish_exactly_n_trials(tmp_path: Path, storage: str) -> 
     assert len(set(proposals)) == n_trials
     lines = [line for line in result.stdout.splitlines() if line.startswith("[worker ")]
     assert len(lines) == n_trials and f"({n_trials}/{n_trials} finished)" in result.stdout
+
+
+def test_gpu_slots_give_each_process_its_own_gpu():
+    config = load_config(["study=cnn3", "gpus=0,1", "workers_per_gpu=2", "n_trials=8"])
+    assert config.workers == 4
+    plan = placement(config)
+    assert [env["CUDA_VISIBLE_DEVICES"] for env, _ in plan] == ["0", "1", "0", "1"]
+    # A worker's config (the main command's words and its own) trains on the one GPU it sees.
+    worker = load_config(["study=cnn3", "gpus=0,1", "workers_per_gpu=2", "n_trials=8", *plan[1][1]])
+    assert (worker.gpus, worker.device, worker.workers) == (None, "cuda:0", 4)
+    assert placement(load_config(["study=cnn3", "workers=3", "n_trials=8"])) == [({}, [])] * 3
+    with pytest.raises(SearchError, match="len\\(gpus\\) x workers_per_gpu = 4"):
+        load_config(["study=cnn3", "gpus=[0,1]", "workers_per_gpu=2", "workers=3"])
+    with pytest.raises(SearchError, match="distinct GPU ids"):
+        load_config(["study=cnn3", "gpus=0,0"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_gpus_without_cuda_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    result = run_cli("search.run", "study=cnn3", *TINY, "gpus=0,1", "n_trials=4",
+                     f"storage=sqlite:///{tmp_path}/o.db", cwd=tmp_path)
+    assert result.returncode == 2 and "gpus=0,1: CUDA is not available" in result.stderr
+    assert not (tmp_path / "o.db").exists()

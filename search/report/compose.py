@@ -28,6 +28,7 @@ from search.report.render import (
 )
 from search.retrain import FinalEvaluation, FinalRunHook, final_evaluation
 from search.source import StudySource, location_args, retrain_command
+from search.stores import masked
 from search.trainer import resolve_device
 
 # Slice plots and parallel coordinates show this many of the most important parameters.
@@ -291,7 +292,7 @@ def write_report(source: StudySource, options: ReportOptions, *,
     summary = data.summarize(study, config)
     if summary.finished == 0:
         counts = ", ".join(f"{n} {s}" for s, n in summary.counts.items()) or "no trials"
-        raise SearchError(f"study '{study.study_name}' in {config.storage} has no finished trial yet "
+        raise SearchError(f"study '{study.study_name}' in {masked(config.storage)} has no finished trial yet "
                           f"({counts}); a report needs at least one complete or pruned trial. "
                           f"Run or resume it: python -m search.run {location_args(config)}")
     folder = options.out / study.study_name
@@ -301,7 +302,7 @@ def write_report(source: StudySource, options: ReportOptions, *,
 
     blocks: list[Block] = [
         Heading(f"Hyperparameter search: `{study.study_name}` ({config.model} on {config.dataset})", 1),
-        Text(f"Generated {data.now()} from `{config.storage}`, study `{study.study_name}`. "
+        Text(f"Generated {data.now()} from `{masked(config.storage)}`, study `{study.study_name}`. "
              "Every trial is in `trials.csv` (one row per trial, with its parameters and "
              "learning curve)."),
     ]
