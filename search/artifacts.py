@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import optuna_dashboard
 import yaml
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.trial import TrialState
@@ -154,6 +153,8 @@ class DashboardArtifacts:
         if self._noted or not self.enabled:
             return
         with self._uploading("writing the study note"):
+            import optuna_dashboard  # late: it imports scikit-learn, ~2 s at every start
+
             if not optuna_dashboard.get_note(trial.study).strip():
                 optuna_dashboard.save_note(trial.study, study_note(self.config))
             self._noted = True

@@ -6,7 +6,8 @@ the next trial's kernels (on 2 CPU cores it measurably did). `CurveDrawer` keeps
 `python -m search.curves` process for the length of a study run and sends it one JSON line per
 curve; the process writes each PNG in place (atomically) and exits when its input closes.
 
-This module imports only matplotlib: the helper starts in well under a second, without torch.
+This module imports matplotlib only when it draws: the helper starts in well under a second,
+without torch, and a trial process that never draws never imports it.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 
 History = Sequence[Mapping[str, float | None]]  # per epoch: epoch, train_/val_ accuracy and loss
 WAIT_SECONDS = 60  # at the end of a run, for the curves still being drawn
@@ -31,6 +33,11 @@ WAIT_SECONDS = 60  # at the end of a run, for the curves still being drawn
 
 def plot_learning_curve(history: History, title: str) -> Figure:
     """Accuracy and loss per epoch, train and validation; a pruned trial simply ends early."""
+    # matplotlib is imported here, by the helper process that draws, not by every trial process.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     # Fixed margins: matplotlib's constrained layout would double the time to draw.
     figure = Figure(figsize=(8, 3.2))
     figure.subplots_adjust(left=0.08, right=0.98, bottom=0.15, top=0.87, wspace=0.22)

@@ -19,8 +19,8 @@ import torch
 
 from search.checkpoints import Checkpoints
 from search.config import StudyConfig
-from search.models import model_size
 from search.data import SearchData
+from search.models import model_size
 from search.records import EpochMetrics, best_of, trial_seed
 from search.space import suggest
 from search.study import OVER_BUDGET_ATTR
@@ -159,6 +159,8 @@ class Objective:
                 observing.append(observer)
             budget = self.config.max_params
             size = model_size(self.config.model, params, self.data.spec) if budget else 0
+            if budget:  # TPE and GP learn where models are too large: > 0 is infeasible
+                trial.set_constraint("max_params", size - budget)
             if budget and size > budget:
                 # Never trained, and not counted toward n_trials (see search.study.counts).
                 attrs = {OVER_BUDGET_ATTR: size, "parameter_count": size, "epochs_run": 0}

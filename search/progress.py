@@ -9,7 +9,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
+from search.config import StudyConfig
 from search.params import format_params
+from search.stores import masked
 from search.study import count_finished, counts
 
 
@@ -73,3 +75,37 @@ class TrialLines:
 
     def close(self) -> None:
         pass
+
+
+def storage_failure(config: StudyConfig, error: BaseException) -> str:
+    """One paragraph for a storage that failed mid-run; what was committed stays consistent."""
+    cause = getattr(error, "orig", None) or error.__cause__ or error.__context__ or error
+    reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return (f"error: the storage {masked(config.storage)} failed while the study ran ({reason}). Every "
+            "trial it recorded is intact (a failed write changes nothing); fix the cause (free "
+            "disk space, restart the database server), then rerun the same command: it resumes "
+            "the study and retries the interrupted trial.")
+
+
+def print_summary(study: optuna.Study, config: StudyConfig) -> int:
+    """The study's trial counts, its best trial and the commands to look further; exit code 0."""
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
+    print("Trials: " + ", ".join(f"{n} {state}" for state, n in counts.items() if n))
+    if not any(t.state == TrialState.COMPLETE for t in trials):
+        print("No trial completed yet; rerun to continue the study.")
+        return 0
+    best = study.best_trial
+    print(f"Best: {describe_trial(best)}")
+    print(f"  params: {format_params(best.params, limit=99)}")
+    args = f"study={config.study} storage={masked(config.storage)}"
+    if config.study_name != config.study:
+        args += f" study_name={config.study_name}"
+    print("Next:")
+    print(f"  python -m search.dashboard {args}   # optuna-dashboard: trials, curves, importances")
+    if config.tracking_enabled and config.tracking_uri.startswith(("http://", "https://")):
+        print(f"  open {masked(config.tracking_uri)} (MLflow)   # compare runs")
+    elif config.tracking_enabled:
+        print(f"  mlflow ui --backend-store-uri {masked(config.tracking_uri)}   # compare runs")
+    print(f"  python -m search.report {args}   # tables, plots, final test accuracy")
+    return 0

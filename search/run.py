@@ -20,8 +20,9 @@ from search.config import StudyConfig, load_config, to_yaml
 from search.dry_run import dry_run
 from search.objective import StopSignal, storage_cause
 from search.params import format_params
-from search.progress import Progress, TrialLines
-from search.session import Session, prepare, print_summary, storage_failure
+from search.preflight import prepare
+from search.progress import Progress, TrialLines, print_summary, storage_failure
+from search.session import Session
 from search.study import count_finished
 from search.workers import Workers
 

@@ -1,6 +1,6 @@
 """One process's part in a study run, the same for `search.run` and for every worker process:
-check what can be checked, open the study, run trials until the study has its `n_trials`, and
-close what the process opened.
+open the study (after `search.preflight` has checked what can be checked), run trials until
+the study has its `n_trials`, and close what the process opened.
 
 The process that opened the study (`search.run`, workers=1 or the main process of workers=N)
 is the only one that ends it (`Session.end`: the MLflow parent run, the summary); a worker only
@@ -31,83 +31,18 @@ from optuna.trial import TrialState
 from search.artifacts import DashboardArtifacts, artifact_store
 from search.checkpoints import Checkpoints
 from search.config import StudyConfig
-from search.data import SearchData, load_search_data
-from search.dry_run import extreme_params
-from search.models import model_size
-from search.errors import SearchError
+from search.data import SearchData
 from search.objective import Objective, StopSignal, TrialFailed
-from search.params import format_params
-from search.progress import describe_trial
+from search.preflight import prepare
 from search.recovery import OWNER_ATTR, recover_dead_trials, this_process
 from search.stores import DatabaseLock, masked
 from search.study import (
     FINISHED,
     OVER_BUDGET_ATTR,
-    check_resume,
-    check_warm_start,
-    counts,
-    check_storage,
     count_finished,
+    counts,
     open_study,
 )
-from search.trainer import resolve_device
-
-
-def prepare(config: StudyConfig) -> tuple[torch.device, SearchData]:
-    """Everything that can be checked before anything is written: the device, the data, the
-    storage (reachable, writable, and a stored study's config unchanged) and the tracking store.
-    A command refused here leaves no storage file, study or MLflow experiment behind."""
-    if config.gpus is not None and not torch.cuda.is_available():
-        raise SearchError(f"gpus={','.join(map(str, config.gpus))}: CUDA is not available on this "
-                          "machine; leave gpus out (on a CPU, workers=N splits the cores).")
-    device = resolve_device(config.device if config.gpus is None else f"cuda:{config.gpus[0]}")
-    check_workers(config, device)
-    data = load_search_data(config.dataset, config.data_dir, val_size=config.val_size,
-                            seed=config.seed)
-    check_storage(config.storage)
-    check_resume(config)
-    check_warm_start(config)
-    if config.max_params is not None:
-        smallest = extreme_params(config.space, largest=False)
-        size = model_size(config.model, smallest, data.spec)
-        if size > config.max_params:
-            raise SearchError(
-                f"max_params={config.max_params:,}: the smallest model of this space has "
-                f"{size:,} parameters ({format_params(smallest, limit=99)}); raise max_params "
-                "or allow smaller models in the space.")
-    if config.tracking_enabled:
-        from search.tracking import check_tracking  # mlflow imports take ~2 s
-
-        check_tracking(config.tracking_uri, config.study_name)
-    return device, data
-
-
-PROCESSES_PER_CORE = 4   # beyond this, trial processes only take turns on the CPU
-PROCESSES_PER_GPU = 8    # small models: a few processes fill a GPU's idle gaps, more only queue
-
-
-def check_workers(config: StudyConfig, device: torch.device) -> None:
-    """Refuses a number of trial processes that cannot help (a typo such as workers=100000
-    would start that many PyTorch processes), before any is started."""
-    cores = os.cpu_count() or 1
-    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    missing = [g for g in config.gpus or () if g >= gpus]
-    if missing:
-        raise SearchError(f"gpus={list(config.gpus)}: this machine has {gpus} GPU(s) "
-                          f"(ids 0..{gpus - 1}); there is no GPU {missing[0]}.")
-    limit = max(PROCESSES_PER_CORE * cores, PROCESSES_PER_GPU * gpus)
-    if config.workers > config.n_trials:
-        raise SearchError(f"workers={config.workers}: more trial processes than trials "
-                          f"(n_trials={config.n_trials}); use at most workers={config.n_trials}.")
-    if config.workers > limit:
-        raise SearchError(
-            f"workers={config.workers}: this machine has {cores} CPU core(s)"
-            + (f" and {gpus} GPU(s)" if gpus else "") + f", which can hold at most {limit} trial "
-            f"processes; more would only take turns. Use workers={min(limit, config.n_trials)} "
-            "or fewer.")
-    if device.type == "cpu" and config.workers > cores:
-        print(f"note: workers={config.workers} on {cores} CPU core(s): the processes share the "
-              "cores; on a CPU, workers=1 is usually as fast.", file=sys.stderr)
 
 
 def _share_cpu(workers: int, device: torch.device) -> None:
@@ -241,39 +176,3 @@ def _room_for_one_more(study: optuna.Study, n_trials: int, since: datetime) -> b
     taken = sum(counts(t) or t.state == TrialState.RUNNING
                 or (t.state == TrialState.FAIL and t in recent) for t in trials)
     return taken < n_trials
-
-
-# ---------------------------------------------------------------- what a person reads at the end
-
-def storage_failure(config: StudyConfig, error: BaseException) -> str:
-    """One paragraph for a storage that failed mid-run; what was committed stays consistent."""
-    cause = getattr(error, "orig", None) or error.__cause__ or error.__context__ or error
-    reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-    return (f"error: the storage {masked(config.storage)} failed while the study ran ({reason}). Every "
-            "trial it recorded is intact (a failed write changes nothing); fix the cause (free "
-            "disk space, restart the database server), then rerun the same command: it resumes "
-            "the study and retries the interrupted trial.")
-
-
-def print_summary(study: optuna.Study, config: StudyConfig) -> int:
-    """The study's trial counts, its best trial and the commands to look further; exit code 0."""
-    trials = study.get_trials(deepcopy=False)
-    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
-    print("Trials: " + ", ".join(f"{n} {state}" for state, n in counts.items() if n))
-    if not any(t.state == TrialState.COMPLETE for t in trials):
-        print("No trial completed yet; rerun to continue the study.")
-        return 0
-    best = study.best_trial
-    print(f"Best: {describe_trial(best)}")
-    print(f"  params: {format_params(best.params, limit=99)}")
-    args = f"study={config.study} storage={masked(config.storage)}"
-    if config.study_name != config.study:
-        args += f" study_name={config.study_name}"
-    print("Next:")
-    print(f"  python -m search.dashboard {args}   # optuna-dashboard: trials, curves, importances")
-    if config.tracking_enabled and config.tracking_uri.startswith(("http://", "https://")):
-        print(f"  open {masked(config.tracking_uri)} (MLflow)   # compare runs")
-    elif config.tracking_enabled:
-        print(f"  mlflow ui --backend-store-uri {masked(config.tracking_uri)}   # compare runs")
-    print(f"  python -m search.report {args}   # tables, plots, final test accuracy")
-    return 0

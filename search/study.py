@@ -40,19 +40,14 @@ GRACE_SECONDS = 180
 
 def make_sampler(config: StudyConfig, seed: int) -> optuna.samplers.BaseSampler:
     name = config.sampler.name
-    # With a size budget, TPE and GP learn where models are too large: a trial's constraint is
-    # its parameter count over the budget (> 0: infeasible).
-    constraints = None if config.max_params is None else (
-        lambda trial: [float(trial.user_attrs.get("parameter_count", 0) - config.max_params)])
     if name == "tpe":
         # constant_liar keeps parallel workers from proposing the same point.
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=config.sampler.n_startup_trials,
-                                          constant_liar=True, constraints_func=constraints)
+                                          constant_liar=True)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "gp":
-        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=config.sampler.n_startup_trials,
-                                         constraints_func=constraints)
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=config.sampler.n_startup_trials)
     raise SearchError(f"sampler={name!r}: unknown; allowed: tpe, random, gp.")
 
 

@@ -394,7 +394,10 @@ class StudyRun:
         Ctrl-C); says what was backfilled, or how to backfill once the store answers."""
         with self.guard("closing the study's run"):
             created, completed = self.backfill(study)
-            self.close_parent(study, "KILLED" if interrupted else "FINISHED")
+            # Other processes still running trials (started by hand, on other machines) keep the
+            # parent RUNNING; the last one to end closes it.
+            if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                self.close_parent(study, "KILLED" if interrupted else "FINISHED")
             if created or completed:
                 print(f"MLflow: {created} trial run(s) backfilled from the study and {completed} "
                       "completed (logging had failed while they ran).", flush=True)

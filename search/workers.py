@@ -33,8 +33,8 @@ import optuna
 from search.cli import main_guard
 from search.config import StudyConfig, load_config
 from search.objective import StopSignal, storage_cause
-from search.progress import TrialLines
-from search.session import Session, storage_failure
+from search.progress import TrialLines, storage_failure
+from search.session import Session
 
 WORKER_FLAG = "--worker"
 STOP_GRACE_SECONDS = 60  # how long an interrupted worker may take to mark its trial FAIL

@@ -11,10 +11,10 @@ from pathlib import Path
 import optuna
 import optuna_dashboard
 import pytest
+from conftest import SMALL_CNN, cli_env, finish, run_cli, start_cli
 from mlflow import MlflowClient
 
 from benchmarks.postgres_server import PASSWORD
-from conftest import SMALL_CNN, cli_env, finish, run_cli, start_cli
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")]

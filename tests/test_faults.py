@@ -172,7 +172,7 @@ DISK_FULL = textwrap.dedent("""
 
 @needs_namespace
 def test_a_disk_that_fills_up_during_a_trial_stops_cleanly_and_the_rerun_completes(tmp_path):
-    args = [*ARGS, "epochs=40", "n_trials=3", "tracking_uri=none"]
+    args = [*ARGS, "epochs=20", "n_trials=2", "tracking_uri=none"]
     (tmp_path / "scenario.py").write_text(f"ARGS = {args!r}\n" + DISK_FULL)
     result = in_namespace(f"exec {sys.executable} scenario.py", tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr
@@ -182,7 +182,7 @@ def test_a_disk_that_fills_up_during_a_trial_stops_cleanly_and_the_rerun_complet
     assert "Traceback" not in seen["stderr"] and "failed while the study ran" in seen["stderr"]
     assert seen["again_code"] == 0, seen["again_stderr"]
     states = seen["states"]
-    assert states.count("COMPLETE") == 3 and "RUNNING" not in states
+    assert states.count("COMPLETE") == 2 and "RUNNING" not in states
     # The trial the full disk interrupted was failed on the rerun and run again.
     failed = [i for i, state in enumerate(states) if state == "FAIL"]
     assert failed and all("died" in seen["reasons"][i] for i in failed)

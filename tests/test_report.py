@@ -71,6 +71,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
                  printed.getvalue())
 
 
+def optuna_config(built: Built):
+    return open_source({"study": "cnn3", "storage": built.storage}).config
+
+
 def _section(markdown: str, heading: str) -> str:
     start = markdown.index(heading)
     end = markdown.find("\n## ", start + len(heading))
@@ -191,6 +195,22 @@ def test_final_evaluation_reports_test_accuracy_mean_and_std(built: Built) -> No
         assert float(row["test_accuracy_std"]) >= 0
     section = _section(built.markdown, "## Final evaluation")
     assert "test_accuracy_mean" in section and "test_accuracy_std" in section and " ± " in section
+    if "Rank 1 minus baseline" in section:  # the baseline was not itself rank 1
+        assert re.search(r"Welch's t-test over the seeds: p = [0-9.e-]+, (not )?significant", section)
+
+
+def test_accuracy_against_size_marks_the_pareto_front(built: Built) -> None:
+    frontier = report_data.size_frontier(built.study, optuna_config(built))
+    complete = [t for t in built.study.trials if t.state == TrialState.COMPLETE]
+    assert set(frontier.numbers) == {t.number for t in complete}
+    # On the front: no smaller (or equal-sized) trial has a higher accuracy.
+    by_number = {t.number: t for t in complete}
+    for number in frontier.pareto:
+        trial = by_number[number]
+        assert not any(o.user_attrs["parameter_count"] <= trial.user_attrs["parameter_count"]
+                       and o.value > trial.value for o in complete)
+    assert "size_frontier.png" in {p.name for p in built.folder.iterdir()}
+    assert "## Accuracy against model size" in built.markdown
 
 
 def test_interrupted_study_still_reports(built: Built) -> None:

@@ -7,14 +7,12 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 import optuna
 import pytest
+from conftest import SMALL_CNN, finish, run_cli, start_cli
 from mlflow import MlflowClient
 from optuna.trial import TrialState
-
-from conftest import SMALL_CNN, finish, run_cli, start_cli
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")]
@@ -91,7 +89,7 @@ def test_processes_started_at_once_on_a_new_study_share_it_exactly(backend, tmp_
 def test_kill_9_mid_trial_then_the_same_command_recovers_at_once(tmp_path):
     storage = f"sqlite:///{tmp_path}/optuna.db"
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
-    command = [*ARGS, "epochs=30", "n_trials=3", "checkpoint_every=0", f"storage={storage}",
+    command = [*ARGS, "epochs=15", "n_trials=2", "checkpoint_every=0", f"storage={storage}",
                f"tracking_uri={tracking}"]
     process = start_cli("search.run", *command, cwd=tmp_path)
 
@@ -109,7 +107,7 @@ def test_kill_9_mid_trial_then_the_same_command_recovers_at_once(tmp_path):
     # Immediately: no waiting for a heartbeat to go stale.
     again = run_cli("search.run", *command, cwd=tmp_path, timeout=400)
     assert again.returncode == 0, again.stderr
-    study = check_study(storage, 3, tracking)
+    study = check_study(storage, 2, tracking)
     dead = study.trials[killed[0].number]
     assert dead.state == TrialState.FAIL and "died" in dead.user_attrs["fail_reason"]
     [retry] = [t for t in study.trials if t.user_attrs.get("retry_of") == dead.number]
@@ -131,7 +129,7 @@ def test_kill_9_mid_trial_then_the_same_command_recovers_at_once(tmp_path):
 
 def test_kill_9_of_one_of_four_workers_loses_no_trial(tmp_path):
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    command = [*ARGS, "epochs=12", "n_trials=8", "workers=4", f"storage={storage}",
+    command = [*ARGS, "epochs=10", "n_trials=6", "workers=4", f"storage={storage}",
                "tracking_uri=none"]
     main = start_cli("search.run", *command, cwd=tmp_path)
 
@@ -151,4 +149,4 @@ def test_kill_9_of_one_of_four_workers_loses_no_trial(tmp_path):
     assert "exited with status -9" in result.stderr  # the main process says a worker died
     again = run_cli("search.run", *command, cwd=tmp_path, timeout=400)  # at once
     assert again.returncode == 0, again.stderr
-    check_study(storage, 8)
+    check_study(storage, 6)

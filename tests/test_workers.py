@@ -14,8 +14,8 @@ from conftest import TINY, load, run_cli
 from optuna.trial import TrialState
 
 from search.config import load_config
-from search.objective import StopSignal, TrialFailed
 from search.errors import SearchError
+from search.objective import StopSignal, TrialFailed
 from search.session import run_reserved
 from search.workers import placement
 

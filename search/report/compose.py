@@ -26,7 +26,7 @@ from search.report.render import (
     to_html,
     to_markdown,
 )
-from search.retrain import FinalEvaluation, FinalRunHook, final_evaluation
+from search.retrain import FinalEvaluation, FinalResult, FinalRunHook, final_evaluation
 from search.source import StudySource, location_args, retrain_command
 from search.stores import masked
 from search.trainer import resolve_device
@@ -175,6 +175,20 @@ def _figure_blocks(study, config: StudyConfig, drawer: _Figures) -> list[Block]:
     drawer.add(blocks, "timeline.png", "Timeline: when each trial ran, coloured by its state",
                lambda: figures.draw_timeline(study))
 
+    frontier = data.size_frontier(study, config)
+    if frontier is not None:
+        blocks.append(Heading("Accuracy against model size"))
+        best = max(zip(frontier.values, frontier.numbers, frontier.parameter_counts))
+        budget = (f"Every model trained stayed within the budget of max_params = "
+                  f"{frontier.budget:,} (larger ones were not trained); the best under it is "
+                  if frontier.budget is not None else "The best is ")
+        blocks.append(Text(f"{budget}trial {best[1]}, {best[2]:,} parameters, validation accuracy "
+                           f"{best[0]:.4f}. The Pareto front lists the trials that no smaller "
+                           "trial beats: the sizes worth choosing between."))
+        drawer.add(blocks, "size_frontier.png",
+                   "Accuracy against parameter count of every complete trial, with the Pareto "
+                   "front", lambda: figures.draw_size_frontier(frontier))
+        blocks.append(Table(data.frontier_table(frontier)))
     blocks.append(Heading("Which parameters matter"))
     importances = data.param_importances(study, seed=config.seed)
     summary_complete = len(data.complete_trials(study))
@@ -226,6 +240,20 @@ def _final_entries(study, retrain: int) -> list[tuple[str, FrozenTrial]]:
     return entries
 
 
+def significance(best: FinalResult, baseline: FinalResult) -> str:
+    """Welch's t-test of the two configurations' test accuracies over seeds, in one sentence."""
+    if len(best.test_accuracies) < 2 or len(baseline.test_accuracies) < 2:
+        return " One seed each: no significance can be computed (use seeds=3 or more)."
+    from scipy.stats import ttest_ind
+
+    p = ttest_ind(best.test_accuracies, baseline.test_accuracies, equal_var=False).pvalue
+    if p != p:  # every seed gave the same accuracy in both
+        return " The seeds did not vary: no significance can be computed."
+    verdict = ("significant at the 5% level" if p < 0.05 else "not significant at the 5% level")
+    return (f" Welch's t-test over the seeds: p = {p:.3g}, {verdict}"
+            f"{' (the search found a better configuration)' if p < 0.05 and best.mean > baseline.mean else ''}.")
+
+
 def _final_blocks(study, config: StudyConfig, options: ReportOptions, drawer: _Figures,
                   on_final_run: FinalRunHook | None,
                   log: Callable[[str], None]) -> tuple[list[Block], FinalEvaluation | None]:
@@ -259,7 +287,7 @@ def _final_blocks(study, config: StudyConfig, options: ReportOptions, drawer: _F
                       "difference of less than about two standard deviations is not a reliable "
                       "improvement)")
         blocks.append(Text(f"Rank 1 minus baseline: {best.mean - baseline.mean:+.4f} mean test "
-                           f"accuracy{spread}."))
+                           f"accuracy{spread}." + significance(best, baseline)))
     if evaluation.predictions is not None:
         predictions = evaluation.predictions
         names = final.class_names(config.dataset)

@@ -19,7 +19,8 @@ from search.config import StudyConfig
 from search.params import PARAMS
 from search.source import retrain_command
 from search.space import trial_params
-from search.study import FINISHED
+from search.study import FINISHED, OVER_BUDGET_ATTR
+from search.study import counts as counts_toward
 
 # "Within 1% of the best": one percentage point of validation accuracy.
 COST_TOLERANCE = 0.01
@@ -98,8 +99,11 @@ def summarize(study: optuna.Study, config: StudyConfig) -> Summary:
     trials = study.get_trials(deepcopy=False)
     order = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING,
              TrialState.WAITING)
-    counts = {state.name.lower(): sum(t.state == state for t in trials) for state in order}
-    finished = [t for t in trials if t.state in FINISHED]
+    over = [t for t in trials if OVER_BUDGET_ATTR in t.user_attrs]  # never trained
+    counts = {state.name.lower(): sum(t.state == state and t not in over for t in trials)
+              for state in order}
+    counts["over max_params (not trained)"] = len(over)
+    finished = [t for t in trials if counts_toward(t)]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = max(complete, key=lambda t: t.value) if complete else None
     starts = [t.datetime_start for t in trials if t.datetime_start]
@@ -320,6 +324,41 @@ def important_params(study: optuna.Study, importances: Importances, limit: int) 
     varied = varied_params(study)
     ranked = [name for name in importances.values if name in varied] or varied
     return ranked[:limit]
+
+
+# ---------------------------------------------------------------- accuracy against size
+
+class SizeFrontier(NamedTuple):
+    """Validation accuracy of complete trials against their parameter count. `pareto` lists the
+    trials no smaller trial beats (by size), the configurations worth choosing between."""
+
+    numbers: tuple[int, ...]
+    parameter_counts: tuple[int, ...]
+    values: tuple[float, ...]
+    pareto: tuple[int, ...]
+    budget: int | None                          # max_params, when the study had one
+
+
+def size_frontier(study: optuna.Study, config: StudyConfig) -> SizeFrontier | None:
+    """None when no complete trial recorded its size."""
+    sized = sorted(((t.user_attrs["parameter_count"], -t.value, t.number)
+                    for t in complete_trials(study) if "parameter_count" in t.user_attrs))
+    if not sized:
+        return None
+    pareto, best = [], float("-inf")
+    for count, negative, number in sized:
+        if -negative > best:
+            pareto.append(number)
+            best = -negative
+    return SizeFrontier(tuple(n for _, _, n in sized), tuple(c for c, _, _ in sized),
+                        tuple(-v for _, v, _ in sized), tuple(pareto), config.max_params)
+
+
+def frontier_table(frontier: SizeFrontier) -> pd.DataFrame:
+    rows = [{"trial": n, "parameter_count": c, "val_accuracy": v}
+            for n, c, v in zip(frontier.numbers, frontier.parameter_counts, frontier.values)
+            if n in frontier.pareto]
+    return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------- categorical effects

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from search.report.data import CategoricalEffect, CostToBest, Importances, LearningCurve  # noqa: E402
+from search.report.data import CategoricalEffect, CostToBest, Importances, LearningCurve, SizeFrontier  # noqa: E402
 from search.report.render import time_unit  # noqa: E402
 
 STATE_COLOURS = {"complete": "tab:blue", "pruned": "tab:orange", "fail": "tab:red",
@@ -131,6 +131,26 @@ def draw_cost_to_best(cost: CostToBest) -> Figure:
     figure.suptitle(f"Cost to best: {cost.trials_needed} trials and "
                     f"{cost.seconds_needed / scale:.1f} {unit} to get within {cost.tolerance:g} "
                     f"of the best ({cost.best:.4f})")
+    return figure
+
+
+def draw_size_frontier(frontier: SizeFrontier) -> Figure:
+    """Every complete trial by size and accuracy; the Pareto front as a step line; the budget."""
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    axes.scatter(frontier.parameter_counts, frontier.values, s=18, color="tab:blue", alpha=0.6,
+                 label="complete trials")
+    front = [(c, v) for n, c, v in zip(frontier.numbers, frontier.parameter_counts,
+                                       frontier.values) if n in frontier.pareto]
+    axes.step([c for c, _ in front], [v for _, v in front], where="post", color="tab:red",
+              marker="o", label="Pareto front (no smaller model is better)")
+    if frontier.budget is not None:
+        axes.axvline(frontier.budget, color="tab:gray", linestyle="--",
+                     label=f"max_params = {frontier.budget:,}")
+    axes.set_xscale("log")
+    axes.set(xlabel="parameters", ylabel="validation accuracy",
+             title="Accuracy against model size")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right", fontsize="small")
     return figure
 
 
