@@ -1,8 +1,9 @@
 """Which sampler finds good configurations sooner: random, TPE, TPE + Hyperband, GP, and TPE
-without the per-optimizer learning-rate ranges, on a cheap real proxy.
+without the per-optimizer learning-rate ranges or with the decoupled parametrisation, on a cheap
+real proxy.
 
     python benchmarks/samplers.py [trials=10] [repeats=5] [epochs=2] [train_images=4000]
-                                  [conditions=random,tpe,tpe_hyperband,gp,tpe_shared_lr]
+                                  [conditions=random,tpe,tpe_hyperband,gp,tpe_shared_lr,tpe_decoupled]
                                   [out=benchmarks/results/samplers.json]
 
 The proxy is cnn3's search space (studies/cnn3.yaml, without its baseline, so every sampler
@@ -48,6 +49,16 @@ CONDITIONS: dict[str, list[str]] = {
     # Item 1's control: one lr range shared by every optimizer, as the studies had before.
     "tpe_shared_lr": ["sampler=tpe", "pruner=none", "space.lr.ranges=null",
                       "space.lr.low=1e-4", "space.lr.high=0.3"],
+    # Item 1's other option: airbench94's lr and weight decay per 1024 examples. The lr ranges are
+    # the studies' own at batch 128 (the proxy's middle batch), so x8; the decay per 1024
+    # examples covers what lr x weight_decay x 8 spans in the plain space's useful corner.
+    "tpe_decoupled": ["sampler=tpe", "pruner=none", "space.decoupled=true",
+                      "space.lr.ranges.optimizer.sgd=[0.08,2.4]",
+                      "space.lr.ranges.optimizer.adam=[8e-4,0.024]",
+                      "space.lr.ranges.optimizer.adamw=[8e-4,0.024]",
+                      "space.lr.ranges.optimizer.rmsprop=[8e-5,8e-3]",
+                      "space.lr.ranges.optimizer.adagrad=[8e-3,0.8]",
+                      "space.weight_decay.low=1e-8", "space.weight_decay.high=3e-3"],
 }
 # The proxy keeps cnn3's whole space but its largest widths and smallest batches, which would make
 # a 2-core CPU run take hours without saying more about how samplers compare.

@@ -26,9 +26,9 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from search.data import DATASETS, DEFAULT_DATA_DIR
+from search.datasets import DATASETS, DEFAULT_DATA_DIR
 from search.errors import SearchError, shown
-from search.params import MODELS
+from search.params import MODELS, known_params
 from search.space import ParamSpec, check_baseline, parse_space
 from search.stores import masked
 
@@ -279,7 +279,7 @@ def studies_dirs() -> list[Path]:
 def available_studies() -> dict[str, Path]:
     found: dict[str, Path] = {}
     for directory in studies_dirs():
-        for path in sorted(directory.glob("*.yaml")):
+        for path in sorted(directory.glob("*.yaml"), key=lambda p: p.stem):
             found.setdefault(path.stem, path)
     return found
 
@@ -366,6 +366,9 @@ def _check_key(key: str, tree: dict[str, Any]) -> None:
     head = key.split(".")[0]
     if head == "space" and key.count(".") >= 1:
         name = key.split(".")[1]
+        model = tree.get("model")
+        if key.count(".") == 1 and model in MODELS and name in known_params(model):
+            return  # fixing a known parameter the study does not search: space.decoupled=true
         if name not in tree["space"]:
             hint = difflib.get_close_matches(name, list(tree["space"]), n=1)
             raise SearchError(
@@ -377,6 +380,22 @@ def _check_key(key: str, tree: dict[str, Any]) -> None:
     raise SearchError(f"unknown key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
                       + f". Valid keys: {', '.join(top)}, plus sampler.*, pruner.*, space.NAME.* "
                       "(see --help).")
+
+
+def _check_not_replacing_a_section(key: str, value: Any, tree: dict[str, Any]) -> None:
+    """space=0 would silently drop a whole search space: a section is set field by field
+    (space.NAME=value is the exception: it fixes that parameter on purpose)."""
+    parts = key.split(".")
+    if len(parts) == 2 and parts[0] == "space":
+        return
+    current: Any = tree
+    for part in parts:
+        current = current.get(part) if isinstance(current, dict) else None
+    removable = len(parts) > 1 and value is None  # space.lr.ranges=null drops the ranges
+    if isinstance(current, dict) and not isinstance(value, dict) and not removable:
+        fields_ = ", ".join(list(current)[:6])
+        raise SearchError(f"{key}={shown(value)}: '{key}' is a section, not a value; set its "
+                          f"fields instead ({key}.FIELD=..., fields: {fields_}).")
 
 
 # ---------------------------------------------------------------- loading
@@ -408,6 +427,7 @@ def resolve_tree(overrides: list[tuple[str, Any]], default_study: str | None = N
         if key == "study":
             continue
         _check_key(key, plain)
+        _check_not_replacing_a_section(key, value, plain)
         try:
             OmegaConf.update(tree, key, value, merge=False)
             plain = OmegaConf.to_container(tree, resolve=True)

@@ -12,19 +12,16 @@ import sys
 import time
 import warnings
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 import optuna
 
 from search.cli import KEY_HELP, help_text, main_guard
 from search.config import StudyConfig, load_config, to_yaml
-from search.dry_run import dry_run
-from search.objective import StopSignal, storage_cause
 from search.params import format_params
-from search.preflight import prepare
-from search.progress import Progress, TrialLines, print_summary, storage_failure
-from search.session import Session
-from search.study import count_finished
-from search.workers import Workers
+
+if TYPE_CHECKING:
+    from search.session import Session
 
 EXAMPLES = [
     "study=cnn3",
@@ -41,6 +38,13 @@ SUMMARY = ("Runs an Optuna study: each trial trains the study's model with sampl
 def run(config: StudyConfig, overrides: list[str] = ()) -> int:
     """The whole run: checks, the study, the trials (in this and `workers - 1` more processes),
     the summary. `overrides` are the command's words, handed to the worker processes."""
+    # Imported here, not above: --help, --cfg and a bad override answer without PyTorch (~3 s).
+    from search.dry_run import dry_run
+    from search.objective import storage_cause
+    from search.preflight import prepare
+    from search.progress import storage_failure
+    from search.session import Session
+
     device, data = prepare(config)
     if config.dry_run:
         for label, params, report in dry_run(config.model, config.space, data.spec, device):
@@ -59,6 +63,11 @@ def run(config: StudyConfig, overrides: list[str] = ()) -> int:
 
 
 def _run_study(session: Session, overrides: list[str]) -> int:
+    from search.objective import StopSignal
+    from search.progress import Progress, TrialLines, print_summary
+    from search.study import count_finished
+    from search.workers import Workers
+
     config = session.config
     print(session.describe(), flush=True)
     if count_finished(session.study) >= config.n_trials:

@@ -448,8 +448,8 @@ class StudyRun:
             if run is None:
                 self._create_trial_run(trial, parent)
                 created += 1
-            elif run.info.status != RUN_STATUS.get(trial.state, "FAILED"):
-                self._finish_trial_run(run.info.run_id, trial)
+            elif run.info.status != RUN_STATUS.get(trial.state, "FAILED") or not run.data.params:
+                self._finish_trial_run(run.info.run_id, trial, logged_params=run.data.params)
                 completed += 1
         return created, completed
 
@@ -475,12 +475,16 @@ class StudyRun:
         run = self.client.create_run(self.experiment_id, start_time=start,
                                      tags={**self.trial_tags(trial, parent), "backfilled": "true"},
                                      run_name=f"trial-{trial.number:04d}")
-        self.client.log_batch(run.info.run_id,
-                              params=self.trial_params(space_params(trial, self.config.space)))
-        self._finish_trial_run(run.info.run_id, trial)
+        self._finish_trial_run(run.info.run_id, trial, logged_params={})
 
-    def _finish_trial_run(self, run_id: str, trial: FrozenTrial) -> None:
-        """The epochs the run lacks, the final metrics and tags, the status (from the trial)."""
+    def _finish_trial_run(self, run_id: str, trial: FrozenTrial,
+                          logged_params: dict[str, str]) -> None:
+        """The params, epochs, final metrics and tags the run lacks, and the status, all from
+        the trial (the run may have been cut short anywhere: even before its params)."""
+        params = [p for p in self.trial_params(space_params(trial, self.config.space))
+                  if p.key not in logged_params]
+        if params:
+            self.client.log_batch(run_id, params=params)
         logged = {m.step for m in self.client.get_metric_history(run_id, "val_accuracy")}
         now = _now_ms()
         metrics = [Metric(k, float(v), now, epoch["epoch"])

@@ -142,12 +142,21 @@ class MlflowServer:
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory) -> Iterator[str]:
-    """The URL of a real `mlflow server`, started once for the tests that ask for it."""
+def mlflow_server_process(tmp_path_factory) -> Iterator[MlflowServer]:
+    """A real `mlflow server`, started once for the tests that ask for it; a test may stop it
+    and start it again (an outage), on the same port and store."""
     server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
     server.start()
-    yield server.url
+    yield server
     server.stop()
+
+
+@pytest.fixture
+def mlflow_server(mlflow_server_process) -> str:
+    """The server's URL (up again, should a test have stopped it)."""
+    if mlflow_server_process.process.poll() is not None:
+        mlflow_server_process.start()
+    return mlflow_server_process.url
 
 
 # ---------------------------------------------------------------- a real PostgreSQL server

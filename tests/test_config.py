@@ -10,10 +10,10 @@ from search.errors import SearchError
 
 
 def test_shipped_studies_load_with_their_baselines():
-    assert {"cnn3", "resnet20"} <= set(available_studies())
-    for name in ("cnn3", "resnet20"):
+    assert {"cnn3", "resnet20", "cnn3-fashion"} <= set(available_studies())
+    for name in ("cnn3", "resnet20", "cnn3-fashion"):
         config = load_config([f"study={name}"])
-        assert config.model == name
+        assert config.model == name.split("-")[0]
         assert config.storage == DEFAULT_STORAGE
         assert config.study_name == name
         assert len(config.baselines) == 1 and not config.skipped_baselines
@@ -38,7 +38,8 @@ def test_overrides_reach_every_level():
     config = load_config(["study=cnn3", "epochs=4", "n_trials=7", "sampler=random", "pruner=median",
                           "pruner.n_warmup_steps=0", "space.lr.ranges.optimizer.adam=[1e-5,0.05]",
                           "space.optimizer.choices=[sgd,adam]", "space.dropout=0.2",
-                          "timeout=30", "study_name=other", "storage=sqlite:///x.db"])
+                          "timeout=30", "study_name=other", "storage=sqlite:///x.db",
+                          "space.decoupled=true"])  # a known parameter the study does not list
     by_name = {spec.name: spec for spec in config.space}
     assert (config.epochs, config.n_trials, config.timeout) == (4, 7, 30.0)
     assert config.sampler.name == "random" and config.pruner.name == "median"
@@ -47,6 +48,7 @@ def test_overrides_reach_every_level():
     assert by_name["lr"].bounds({"optimizer": "sgd"}) == (0.01, 0.3)  # the study file's
     assert by_name["optimizer"].choices == ("sgd", "adam")
     assert by_name["dropout"].kind == "fixed" and by_name["dropout"].value == 0.2
+    assert by_name["decoupled"].kind == "fixed" and by_name["decoupled"].value is True
     assert (config.study_name, config.storage) == ("other", "sqlite:///x.db")
 
 
@@ -74,6 +76,9 @@ def test_fingerprint_follows_what_defines_a_trial():
     (["study=cnn3", "space.lrr.high=1"], ["'lrr' is not a parameter", "did you mean 'lr'"]),
     (["study=cnn3", "space.lr.hihg=1"], ["space.lr.hihg", "did you mean 'space.lr.high'"]),
     (["study=cnn3", "epochs=abc"], ["epochs", "whole number"]),
+    (["study=cnn3", "space=0"], ["'space' is a section", "space.FIELD"]),
+    (["study=cnn3", "space.width_multiplier=2"], ["'width_multiplier' is not a parameter"]),
+    (["study=cnn3", "space.lr.ranges=3"], ["'space.lr.ranges' is a section"]),
     (["study=cnn3", "epochs=0"], ["epochs", ">= 1"]),
     (["study=cnn3", "n_trials=2.5"], ["n_trials"]),
     (["study=cnn3", "space.optimizer.choices=[sgd,"], ["malformed value"]),

@@ -172,7 +172,7 @@ DISK_FULL = textwrap.dedent("""
 
 @needs_namespace
 def test_a_disk_that_fills_up_during_a_trial_stops_cleanly_and_the_rerun_completes(tmp_path):
-    args = [*ARGS, "epochs=20", "n_trials=2", "tracking_uri=none"]
+    args = [*ARGS, "epochs=12", "n_trials=2", "tracking_uri=none"]
     (tmp_path / "scenario.py").write_text(f"ARGS = {args!r}\n" + DISK_FULL)
     result = in_namespace(f"exec {sys.executable} scenario.py", tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr

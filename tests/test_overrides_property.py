@@ -57,13 +57,13 @@ def check(words: list[str]) -> None:
         assert all(param.problem(v) is None for v in produced), (words, spec)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(key=keys, value=values)
 def test_any_single_override_loads_or_is_refused_cleanly(key, value):
     check([f"{key}={value}"])
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(words=st.lists(st.tuples(st.sampled_from(KNOWN_KEYS), values), min_size=2, max_size=4))
 def test_several_overrides_load_or_are_refused_cleanly(words):
     check([f"{key}={value}" for key, value in words])

@@ -78,7 +78,7 @@ def test_baseline_checks():
 
 def test_shipped_baselines_are_complete_configurations():
     """Every parameter a baseline's branch activates is set, so trial 0 is exactly the baseline."""
-    for name in ("cnn3", "resnet20"):
+    for name in ("cnn3", "resnet20", "cnn3-fashion"):
         config = load_config([f"study={name}"])
         baseline = config.baselines[0]
         active = {}

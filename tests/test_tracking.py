@@ -13,7 +13,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import SMALL_CNN, MlflowServer, finish, free_port, run_cli, start_cli
+from conftest import SMALL_CNN, finish, free_port, run_cli, start_cli
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
@@ -299,17 +299,17 @@ def test_final_evaluations_are_logged_under_the_study_parent(mlflow_server, tmp_
 
 
 @pytest.mark.slow
-def test_an_mlflow_outage_mid_study_loses_no_run(tmp_path):
-    (tmp_path / "server").mkdir()
-    server = MlflowServer(tmp_path / "server")
-    server.start()
+def test_an_mlflow_outage_mid_study_loses_no_run(mlflow_server_process, tmp_path):
+    server = mlflow_server_process
+    if server.process.poll() is not None:
+        server.start()
     storage = f"sqlite:///{tmp_path}/o.db"
-    common = [f"storage={storage}", f"tracking_uri={server.url}"]
+    common = [f"storage={storage}", f"tracking_uri={server.url}", "study_name=outage"]
     process = start_cli("search.run", *TINY, *common, "n_trials=6", cwd=tmp_path)
 
     def finished() -> int:
         try:
-            return len(optuna.load_study(study_name="cnn3", storage=storage).get_trials(states=DONE))
+            return len(optuna.load_study(study_name="outage", storage=storage).get_trials(states=DONE))
         except KeyError:
             return 0
 
@@ -320,17 +320,14 @@ def test_an_mlflow_outage_mid_study_loses_no_run(tmp_path):
     result = finish(process, timeout=300)
     assert result.returncode == 0, result.stderr  # the study is not hurt
     assert "MLflow logging failed" in result.stderr and "python -m search.sync" in result.stderr
-    study = optuna.load_study(study_name="cnn3", storage=storage)
+    study = optuna.load_study(study_name="outage", storage=storage)
     assert len(study.get_trials(states=DONE)) == 6
 
     server.start()  # back, on the same port and store
-    try:
-        synced = run_cli("search.sync", "study=cnn3", *common, cwd=tmp_path)
-        assert synced.returncode == 0, synced.stderr
-        client = MlflowClient(server.url)
-        check_study_in_mlflow(client, study)  # every trial has its run, complete, exactly once
-        again = run_cli("search.sync", "study=cnn3", *common, cwd=tmp_path)
-        assert again.returncode == 0 and "0 run(s) created, 0 completed" in again.stdout
-        assert len(study_runs(client, "cnn3")[1]) == len(study.trials)  # nothing duplicated
-    finally:
-        server.stop()
+    synced = run_cli("search.sync", "study=cnn3", *common, cwd=tmp_path)
+    assert synced.returncode == 0, synced.stderr
+    client = MlflowClient(server.url)
+    check_study_in_mlflow(client, study)  # every trial has its run, complete, exactly once
+    again = run_cli("search.sync", "study=cnn3", *common, cwd=tmp_path)
+    assert again.returncode == 0 and "0 run(s) created, 0 completed" in again.stdout
+    assert len(study_runs(client, "outage")[1]) == len(study.trials)  # nothing duplicated

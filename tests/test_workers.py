@@ -10,7 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from conftest import TINY, load, run_cli
+from conftest import TINY, run_cli
 from optuna.trial import TrialState
 
 from search.config import load_config
@@ -62,27 +62,6 @@ def test_failures_use_up_the_budget_instead_of_looping(tmp_path: Path) -> None:
 
     study = _run_threads(tmp_path, n_trials=4, threads=2, objective=objective)
     assert [t.state for t in study.get_trials(deepcopy=False)] == [TrialState.FAIL] * 4
-
-
-@pytest.mark.slow
-def test_two_processes_finish_exactly_n_trials(tmp_path: Path, storage: str) -> None:
-    n_trials = 4
-    result = run_cli("search.run", "study=cnn3", *TINY, "space.batch_size.choices=[64,128]",
-                     "space.width_1.choices=[8,32]", "space.width_2.choices=[8,64]",
-                     "space.width_3.choices=[16,128]", "space.hidden_1.choices=[32,256]",
-                     "epochs=1", f"n_trials={n_trials}", "pruner=none", "workers=2",
-                     f"storage={storage}", cwd=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "2 worker processes" in result.stdout
-    trials = load(storage).get_trials(deepcopy=False)
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * n_trials
-    # The baseline was enqueued once, by the main process, and is trial 0.
-    assert [t.number for t in trials if t.user_attrs.get("baseline") == 0] == [0]
-    # Different sampler seeds per worker: no configuration was proposed twice.
-    proposals = [tuple(sorted(t.params.items())) for t in trials]
-    assert len(set(proposals)) == n_trials
-    lines = [line for line in result.stdout.splitlines() if line.startswith("[worker ")]
-    assert len(lines) == n_trials and f"({n_trials}/{n_trials} finished)" in result.stdout
 
 
 def test_gpu_slots_give_each_process_its_own_gpu():
