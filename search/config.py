@@ -363,11 +363,10 @@ def _check_key(key: str, tree: dict[str, Any]) -> None:
     if key in keys or (len(parts) in (4, 5) and parts[0] == "space" and parts[2] == "ranges"
                        and isinstance(tree["space"].get(parts[1]), dict)):
         return  # a range for a value not listed yet: space.lr.ranges.optimizer.adamw=[...]
-    head = key.split(".")[0]
-    if head == "space" and key.count(".") >= 1:
-        name = key.split(".")[1]
+    if parts[0] == "space" and len(parts) >= 2:
+        name = parts[1]
         model = tree.get("model")
-        if key.count(".") == 1 and model in MODELS and name in known_params(model):
+        if len(parts) == 2 and model in MODELS and name in known_params(model):
             return  # fixing a known parameter the study does not search: space.decoupled=true
         if name not in tree["space"]:
             hint = difflib.get_close_matches(name, list(tree["space"]), n=1)

@@ -158,15 +158,16 @@ class Objective:
                 observer.trial_started(trial, params)
                 observing.append(observer)
             budget = self.config.max_params
-            size = model_size(self.config.model, params, self.data.spec) if budget else 0
-            if budget:  # TPE and GP learn where models are too large: > 0 is infeasible
+            if budget:
+                size = model_size(self.config.model, params, self.data.spec)
+                # TPE and GP learn where models are too large: > 0 is infeasible.
                 trial.set_constraint("max_params", size - budget)
-            if budget and size > budget:
-                # Never trained, and not counted toward n_trials (see search.study.counts).
-                attrs = {OVER_BUDGET_ATTR: size, "parameter_count": size, "epochs_run": 0}
-                state = optuna.trial.TrialState.PRUNED
-                _record(trial, attrs)
-                raise optuna.TrialPruned(f"{size:,} parameters, over max_params")
+                if size > budget:
+                    # Never trained, and not counted toward n_trials (see search.study.counts).
+                    attrs = {OVER_BUDGET_ATTR: size, "parameter_count": size, "epochs_run": 0}
+                    state = optuna.trial.TrialState.PRUNED
+                    _record(trial, attrs)
+                    raise optuna.TrialPruned(f"{size:,} parameters, over max_params")
             # A retry of a dead trial keeps its seed, and goes on from its last checkpoint.
             seed = trial.user_attrs.get("seed", trial_seed(self.config.seed, trial.number))
             trial.set_user_attr("seed", seed)

@@ -27,6 +27,15 @@ from search.errors import SearchError, shown
 KINDS = ("float", "int", "bool", "choice")
 
 
+def is_finite(value: int | float) -> bool:
+    """math.isfinite, but False for a whole number too large for a float (too large for any
+    parameter or bound here), where math.isfinite raises."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 @dataclass(frozen=True)
 class Param:
     """What one hyperparameter may be.
@@ -78,11 +87,7 @@ class Param:
             return None if ok else f"must be {self.valid()}"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"must be {self.valid()}"
-        try:  # a whole number too large for a float is too large for any parameter here
-            finite = math.isfinite(value)
-        except OverflowError:
-            finite = False
-        if not finite or (self.kind == "int" and value != int(value)):
+        if not is_finite(value) or (self.kind == "int" and value != int(value)):
             return f"must be {self.valid()}"
         if self._below(value) or self._above(value):
             return f"must be {self.valid()}"

@@ -10,6 +10,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
 from search.config import StudyConfig
+from search.errors import first_line
 from search.params import format_params
 from search.stores import masked
 from search.study import count_finished, counts
@@ -80,11 +81,10 @@ class TrialLines:
 def storage_failure(config: StudyConfig, error: BaseException) -> str:
     """One paragraph for a storage that failed mid-run; what was committed stays consistent."""
     cause = getattr(error, "orig", None) or error.__cause__ or error.__context__ or error
-    reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-    return (f"error: the storage {masked(config.storage)} failed while the study ran ({reason}). Every "
-            "trial it recorded is intact (a failed write changes nothing); fix the cause (free "
-            "disk space, restart the database server), then rerun the same command: it resumes "
-            "the study and retries the interrupted trial.")
+    return (f"error: the storage {masked(config.storage)} failed while the study ran "
+            f"({first_line(cause)}). Every trial it recorded is intact (a failed write changes "
+            "nothing); fix the cause (free disk space, restart the database server), then rerun "
+            "the same command: it resumes the study and retries the interrupted trial.")
 
 
 def print_summary(study: optuna.Study, config: StudyConfig) -> int:

@@ -63,8 +63,7 @@ def open_source(overrides: dict[str, Any]) -> StudySource:
 
 def load_stored_study(url: str, name: str) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
     """A study that must exist, from a storage opened for reading (`study.open_existing`)."""
-    storage = open_existing(url)
-    names = optuna.get_all_study_names(storage)
+    storage, names = open_existing(url)
     if name not in names:
         hint = difflib.get_close_matches(name, names, n=1)
         raise SearchError(

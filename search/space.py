@@ -9,7 +9,6 @@ an optimizer's own parameters (SGD's momentum, Adam's betas) appear only where t
 from __future__ import annotations
 
 import difflib
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from search.errors import SearchError, shown
-from search.params import ALIASES, PARAMS, Param, known_params
+from search.params import ALIASES, PARAMS, Param, is_finite, known_params
 
 KINDS = ("float", "int", "categorical")
 _FIELDS = {
@@ -116,11 +115,7 @@ def _number(name: str, field: str, value: Any) -> float:
     """A finite bound or step (a whole number too large for a float is not finite here)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _fail(name, f"'{field}' must be a number, got {shown(value)}.")
-    try:
-        finite = math.isfinite(value)
-    except OverflowError:
-        finite = False
-    if not finite:
+    if not is_finite(value):
         raise _fail(name, f"'{field}' must be a finite number, got {shown(value)}.")
     return value
 

@@ -3,7 +3,6 @@ resumed study from silently mixing trials run under different settings."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -16,7 +15,7 @@ import sqlalchemy
 from optuna.trial import TrialState
 
 from search.config import DEFAULT_STORAGE, StudyConfig, shown_tree
-from search.errors import SearchError
+from search.errors import SearchError, first_line
 from search.recovery import retry
 from search.space import searched_params
 from search.stores import (
@@ -116,17 +115,17 @@ def check_storage(url: str) -> None:
             pass
         engine.dispose()
     except Exception as error:  # noqa: BLE001 - any driver error means "cannot use this storage"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SearchError(f"storage={masked(url)}: cannot connect ({masked(reason)}). Check that "
-                          "the database server is running and the URL is right.") from None
+        raise SearchError(f"storage={masked(url)}: cannot connect ({masked(first_line(error))}). "
+                          "Check that the database server is running and the URL is right.") from None
 
 
 def _connect_timeout(url: str) -> dict[str, Any]:
     return {"connect_timeout": 10} if backend(url) in ("postgresql", "mysql") else {}
 
 
-def open_existing(url: str, hint: str = "") -> optuna.storages.RDBStorage:
+def open_existing(url: str) -> tuple[optuna.storages.RDBStorage, list[str]]:
     """Opens a storage that must already exist, for reading: nothing is created or written.
+    Returns it and the names of its studies (reading them proves it is an Optuna storage).
 
     A SQLite file whose folder cannot be written (a read-only mount, a copy on a CD) is opened
     as immutable, since SQLite would otherwise need to write its shared-memory file to read.
@@ -136,7 +135,7 @@ def open_existing(url: str, hint: str = "") -> optuna.storages.RDBStorage:
         if not path.is_file():
             default = " (the default storage)" if url == DEFAULT_STORAGE else ""
             raise SearchError(f"storage={masked(url)}{default}: no such database file "
-                              f"{str(path)!r}; {hint or 'pass the storage= that search.run used.'}")
+                              f"{str(path)!r}; pass the storage= that search.run used.")
         try:
             check_writable(path.resolve().parent, "storage", url)
         except SearchError:
@@ -145,12 +144,10 @@ def open_existing(url: str, hint: str = "") -> optuna.storages.RDBStorage:
         check_storage(url)
     try:
         storage = optuna.storages.RDBStorage(url, skip_table_creation=True)
-        optuna.get_all_study_names(storage)  # reads the schema: is it an Optuna storage?
-        return storage
+        return storage, optuna.get_all_study_names(storage)
     except Exception as error:  # noqa: BLE001 - any driver/schema error: not a usable storage
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise SearchError(f"storage={masked(url)}: cannot be read as an Optuna storage "
-                          f"({masked(reason)}).") from None
+                          f"({masked(first_line(error))}).") from None
 
 
 def make_storage(url: str) -> optuna.storages.BaseStorage:
@@ -198,17 +195,24 @@ def existing_study_id(storage: optuna.storages.BaseStorage, name: str) -> int | 
         return None
 
 
+def _storage_if_any(url: str) -> optuna.storages.RDBStorage | None:
+    """The storage at `url` opened for reading, or None where it has no Optuna tables yet (a
+    SQLite file not created, a new database): checks run before a study is created and must not
+    create the storage."""
+    path = sqlite_path(url)
+    if path is not None and not path.exists():
+        return None
+    try:
+        return optuna.storages.RDBStorage(url, skip_table_creation=True)
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError):
+        return None
+
+
 def check_resume(config: StudyConfig) -> bool:
     """True when the study exists; refuses when its config differs. Reads only: a new study's
     storage is not created here."""
-    path = sqlite_path(config.storage)
-    if path is not None and not path.exists():
-        return False
-    try:
-        storage = optuna.storages.RDBStorage(config.storage, skip_table_creation=True)
-        study_id = existing_study_id(storage, config.study_name)
-    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError):
-        return False  # no Optuna tables yet: a new storage
+    storage = _storage_if_any(config.storage)
+    study_id = existing_study_id(storage, config.study_name) if storage is not None else None
     if study_id is None:
         return False
     stored = storage.get_study_user_attrs(study_id).get("fingerprint_source")
@@ -275,13 +279,8 @@ def check_warm_start(config: StudyConfig) -> None:
         return
     if config.study_name in config.warm_start:
         raise SearchError(f"warm_start={config.study_name}: a study cannot warm-start from itself.")
-    path = sqlite_path(config.storage)
-    names = []
-    if path is None or path.exists():
-        with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError,
-                                 optuna.exceptions.StorageInternalError):
-            names = optuna.get_all_study_names(
-                optuna.storages.RDBStorage(config.storage, skip_table_creation=True))
+    storage = _storage_if_any(config.storage)
+    names = optuna.get_all_study_names(storage) if storage is not None else []
     missing = [name for name in config.warm_start if name not in names]
     if missing:
         raise SearchError(f"warm_start={missing[0]}: no study of that name in "

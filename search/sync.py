@@ -20,7 +20,7 @@ from search.cli import KEY_HELP, command_overrides, help_text, main_guard
 from search.errors import SearchError
 from search.source import open_source
 from search.stores import masked
-from search.study import FINISHED
+from search.study import counts
 
 KEYS = {key: KEY_HELP[key] for key in ("study", "storage", "study_name", "tracking_uri")}
 SUMMARY = ("Creates every missing MLflow run of a study and completes the runs that stopped "
@@ -47,7 +47,7 @@ def main(argv: list[str]) -> int:
     created, completed = study_run.backfill(study)
     trials = study.get_trials(deepcopy=False)
     if not any(t.state == TrialState.RUNNING for t in trials):  # no process works on it now
-        done = sum(t.state in FINISHED for t in trials) >= config.n_trials
+        done = sum(map(counts, trials)) >= config.n_trials  # as search.run counts them
         study_run.close_parent(study, "FINISHED" if done else "KILLED")
     finished = sum(t.state.is_finished() for t in trials)
     print(f"MLflow: study '{config.study_name}' in {masked(config.tracking_uri)}: {created} "

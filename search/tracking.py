@@ -174,12 +174,18 @@ def check_tracking(uri: str, experiment: str | None = None) -> None:
                 "--host 127.0.0.1 --port 5000`) or fix the URL." if is_http(uri) else "")
         raise SearchError(f"tracking_uri={masked(uri)}: cannot reach the MLflow tracking store "
                           f"({masked(_reason(error))}).{hint}{off}") from None
-    if found is not None and found.lifecycle_stage != "active":
+    if found is not None:
+        _refuse_deleted(found, uri)
+
+
+def _refuse_deleted(experiment: Any, uri: str) -> None:
+    """A deleted experiment keeps its name: MLflow would refuse every run logged to it."""
+    if experiment.lifecycle_stage != "active":
         raise SearchError(
-            f"study_name={experiment}: the MLflow experiment '{experiment}' in {masked(uri)} is "
-            "deleted. "
-            f"Restore it (mlflow experiments restore --experiment-id {found.experiment_id}), "
-            "purge it (mlflow gc), use another study_name, or add tracking_uri=none.")
+            f"study_name={experiment.name}: the MLflow experiment '{experiment.name}' in "
+            f"{masked(uri)} is deleted. Restore it (mlflow experiments restore --experiment-id "
+            f"{experiment.experiment_id}), purge it (mlflow gc), use another study_name, or add "
+            "tracking_uri=none.")
 
 
 # ---------------------------------------------------------------- facts about this process
@@ -300,13 +306,7 @@ class StudyRun:
                 if error.error_code != "RESOURCE_ALREADY_EXISTS":  # another worker won the race
                     raise
                 experiment = self.client.get_experiment_by_name(name)
-        if experiment.lifecycle_stage != "active":
-            raise SearchError(
-                f"study_name={name}: the MLflow experiment '{name}' in "
-                f"{masked(self.config.tracking_uri)} "
-                f"is deleted. Restore it (mlflow experiments restore --experiment-id "
-                f"{experiment.experiment_id}), purge it (mlflow gc), use another study_name, or "
-                "add tracking_uri=none.")
+        _refuse_deleted(experiment, self.config.tracking_uri)
         if any(experiment.tags.get(k) != v for k, v in EXPERIMENT_KIND.items()):
             for key, value in EXPERIMENT_KIND.items():  # an experiment made before the tag
                 self.client.set_experiment_tag(experiment.experiment_id, key, value)

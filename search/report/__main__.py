@@ -17,7 +17,7 @@ from search.report.compare import write_comparison
 from search.report.compose import ReportOptions, write_report
 from search.retrain import FinalRunHook
 from search.source import LOCATION_KEYS, open_source
-from search.study import check_writable
+from search.stores import check_writable
 
 SUMMARY = ("Reads a study from its storage (finished, running or interrupted) and writes "
            "reports/<study_name>/: report.md, a self-contained report.html, trials.csv and the "

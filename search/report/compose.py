@@ -13,7 +13,7 @@ from optuna.trial import FrozenTrial
 
 from search.config import StudyConfig, to_yaml
 from search.data import DATASETS
-from search.errors import SearchError
+from search.errors import SearchError, first_line
 from search.report import data, figures, final
 from search.report.render import (
     Block,
@@ -74,7 +74,7 @@ class _Figures:
             figures.save_png(draw(), self.folder / file)
         except Exception as error:  # noqa: BLE001 - one broken plot must not sink the report
             figures.plt.close("all")
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            reason = first_line(error)
             self.log(f"warning: figure {file} not drawn: {reason}")
             blocks.append(Text(f"*{caption.split(':')[0]}: not drawn ({reason}).*"))
             return
