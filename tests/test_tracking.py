@@ -189,6 +189,13 @@ def test_two_workers_then_a_resume_log_every_trial_once(mlflow_server, tmp_path,
 
     # Rerunning with a larger budget resumes: same parent, one new run per new trial. (The
     # CLI's entry point in process: the subprocesses above already cover the real command.)
+    # What the racing processes sampled depends on their own sampler seeds, so the new trial
+    # repeats the worst first epoch so far, with its seed: below most of the others at the
+    # first rung, successive halving prunes it, and a pruned run is always checked.
+    first_epoch = {t.number: t.intermediate_values[1] for t in study.trials
+                   if 1 in t.intermediate_values}
+    worst = study.trials[min(first_epoch, key=first_epoch.get)]
+    study.enqueue_trial(worst.params, user_attrs={"seed": worst.user_attrs["seed"]})
     finished = len(study.get_trials(states=DONE))
     assert in_process_cli(*TINY, *common, f"n_trials={finished + 1}") == 0
     assert "Resuming study" in capsys.readouterr().out
