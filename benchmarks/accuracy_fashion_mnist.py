@@ -18,12 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-from search.cli import main_guard
-from search.config import load_config
-from search.data import load_search_data
-from search.errors import SearchError
-from search.records import EpochMetrics, trial_seed
-from search.trainer import Speed, resolve_device, train
+from search.config.command_line import main_guard
+from search.config.errors import SearchError
+from search.config.settings import load_config
+from search.training.images import load_search_data
+from search.training.loop import Speed, resolve_device, train
+from search.training.results import EpochMetrics, trial_seed
 
 TARGETS = {"cnn3": 0.91, "resnet20": 0.92}
 

@@ -11,7 +11,7 @@ starts from nothing; its largest widths and kernels and smallest batches left ou
 Fashion-MNIST: a fixed subset of `train_images` images of the
 search's training split (seed 0), validated on the search's own 5,000-image validation split,
 for `epochs` epochs, on the CPU. Each condition runs `repeats` studies with seeds 0..repeats-1
-through the very objective a study uses (`search.objective.Objective`).
+through the very objective a study uses (`search.runner.objective.Objective`).
 
 It prints, and writes as JSON and a PNG next to it: best validation accuracy so far against
 trials and against training seconds (mean and standard deviation over repeats), each
@@ -34,12 +34,12 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from search.cli import command_overrides, main_guard
-from search.config import load_config
-from search.data import ImageSet, SearchData, load_search_data
-from search.errors import SearchError
-from search.objective import Objective, TrialFailed
-from search.study import make_pruner, make_sampler
+from search.config.command_line import command_overrides, main_guard
+from search.config.errors import SearchError
+from search.config.settings import load_config
+from search.runner.objective import Objective, TrialFailed
+from search.storage.studies import make_pruner, make_sampler
+from search.training.images import ImageSet, SearchData, load_search_data
 
 CONDITIONS: dict[str, list[str]] = {
     "random": ["sampler=random", "pruner=none"],

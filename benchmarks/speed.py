@@ -8,7 +8,7 @@ Four measurements, in one run on one machine, on random images shaped like CIFAR
    images, per-image PIL transforms (`RandomCrop(32, padding=4)`, `RandomHorizontalFlip`,
    `ToTensor`, `Normalize`) in a `DataLoader` with worker processes, float32, default memory
    format, the textbook loop (`loss.item()` every batch).
-2. **ours**: `search.trainer.train` exactly as a trial calls it (same model, parameters, batch
+2. **ours**: `search.training.loop.train` exactly as a trial calls it (same model, parameters, batch
    size, number of images). The two pipelines alternate epoch by epoch, so both see the same
    machine load; the first epoch of each is warm-up and not counted.
 3. **study**: a short real study (`search.run.run` on `dataset=fake`, SQLite storage, MLflow
@@ -52,14 +52,20 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T  # noqa: N812 - the name everyone uses
 
-from search.cli import main_guard
-from search.config import load_config
-from search.data import DATASETS, DatasetSpec, ImageSet, load_split, train_val_split
-from search.errors import SearchError
-from search.models import build_model
-from search.records import EpochMetrics
+from search.config.command_line import main_guard
+from search.config.errors import SearchError
+from search.config.settings import load_config
 from search.run import run
-from search.trainer import Speed, make_loader, resolve_device, train
+from search.training.images import (
+    DATASETS,
+    DatasetSpec,
+    ImageSet,
+    load_split,
+    train_val_split,
+)
+from search.training.loop import Speed, make_loader, resolve_device, train
+from search.training.models import build_model
+from search.training.results import EpochMetrics
 
 __all__ = ["SETTINGS", "bench", "main"]
 

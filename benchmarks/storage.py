@@ -33,13 +33,13 @@ from typing import Any
 
 import optuna
 
-from search.cli import command_overrides, main_guard
-from search.config import load_config
-from search.errors import SearchError
-from search.objective import StopSignal
-from search.session import run_reserved
-from search.space import suggest
-from search.study import count_finished, open_study
+from search.config.command_line import command_overrides, main_guard
+from search.config.errors import SearchError
+from search.config.settings import load_config
+from search.config.space import suggest
+from search.runner.objective import StopSignal
+from search.runner.process import run_reserved
+from search.storage.studies import count_finished, open_study
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

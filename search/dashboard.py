@@ -1,5 +1,5 @@
 """`python -m search.dashboard study=NAME [storage=...] [port=8080] [host=127.0.0.1]`: start
-optuna-dashboard on a study's storage with its artifact folder (`search.artifacts`) wired in,
+optuna-dashboard on a study's storage with its artifact folder (`search.tracking.dashboard_artifacts`) wired in,
 and print the study's link."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ from typing import Any
 
 import optuna_dashboard
 
-from search.artifacts import artifact_dir, artifact_store
-from search.cli import help_text, main_guard
-from search.config import load_config
-from search.errors import SearchError
-from search.source import load_stored_study
-from search.stores import masked
+from search.config.command_line import help_text, main_guard
+from search.config.errors import SearchError
+from search.config.settings import load_config
+from search.config.urls import masked
+from search.storage.reading import load_stored_study
+from search.tracking.dashboard_artifacts import artifact_dir, artifact_store
 
 SERVER_KEYS = {"port": 8080, "host": "127.0.0.1"}
 KEY_HELP = {

@@ -3,7 +3,7 @@
 Everything a user can get wrong is checked before the storage is touched: the config, the data,
 the storage URL, the tracking store, a changed config on resume. Then trials run until the study
 has `n_trials` finished (complete + pruned) trials, so rerunning the same command after Ctrl-C
-runs only the rest. `workers=N` runs N-1 more processes alongside (`search.workers`).
+runs only the rest. `workers=N` runs N-1 more processes alongside (`search.runner.workers`).
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING
 
 import optuna
 
-from search.cli import KEY_HELP, help_text, main_guard
-from search.config import StudyConfig, load_config, to_yaml
-from search.params import format_params
+from search.config.command_line import KEY_HELP, help_text, main_guard
+from search.config.params import format_params
+from search.config.settings import StudyConfig, load_config, to_yaml
 
 if TYPE_CHECKING:
-    from search.session import Session
+    from search.runner.process import Session
 
 EXAMPLES = [
     "study=cnn3",
@@ -39,11 +39,11 @@ def run(config: StudyConfig, overrides: list[str] = ()) -> int:
     """The whole run: checks, the study, the trials (in this and `workers - 1` more processes),
     the summary. `overrides` are the command's words, handed to the worker processes."""
     # Imported here, not above: --help, --cfg and a bad override answer without PyTorch (~3 s).
-    from search.dry_run import dry_run
-    from search.objective import storage_cause
-    from search.preflight import prepare
-    from search.progress import storage_failure
-    from search.session import Session
+    from search.runner.objective import storage_cause
+    from search.runner.preflight import prepare
+    from search.runner.process import Session
+    from search.runner.progress import storage_failure
+    from search.training.dry_run import dry_run
 
     device, data = prepare(config)
     if config.dry_run:
@@ -63,10 +63,10 @@ def run(config: StudyConfig, overrides: list[str] = ()) -> int:
 
 
 def _run_study(session: Session, overrides: list[str]) -> int:
-    from search.objective import StopSignal
-    from search.progress import Progress, TrialLines, print_summary
-    from search.study import count_finished
-    from search.workers import Workers
+    from search.runner.objective import StopSignal
+    from search.runner.progress import Progress, TrialLines, print_summary
+    from search.runner.workers import Workers
+    from search.storage.studies import count_finished
 
     config = session.config
     print(session.describe(), flush=True)
@@ -123,7 +123,7 @@ def main(argv: list[str]) -> int:
         print(to_yaml(config), end="")
         return 0
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    # Heartbeats (see search.study) are flagged experimental; the warning means nothing to users.
+    # Heartbeats (see search.storage.studies) are flagged experimental; the warning means nothing to users.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     return run(config, overrides)
 

@@ -16,11 +16,16 @@ import warnings
 import optuna
 from optuna.trial import TrialState
 
-from search.cli import KEY_HELP, command_overrides, help_text, main_guard
-from search.errors import SearchError
-from search.source import open_source
-from search.stores import masked
-from search.study import counts
+from search.config.command_line import (
+    KEY_HELP,
+    command_overrides,
+    help_text,
+    main_guard,
+)
+from search.config.errors import SearchError
+from search.config.urls import masked
+from search.storage.reading import open_source
+from search.storage.studies import counts
 
 KEYS = {key: KEY_HELP[key] for key in ("study", "storage", "study_name", "tracking_uri")}
 SUMMARY = ("Creates every missing MLflow run of a study and completes the runs that stopped "
@@ -40,7 +45,10 @@ def main(argv: list[str]) -> int:
                           "tracking_uri=URL.")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    from search.tracking import StudyRun, check_tracking  # mlflow imports take ~2 s
+    from search.tracking.mlflow_runs import (  # mlflow imports take ~2 s
+        StudyRun,
+        check_tracking,
+    )
 
     check_tracking(config.tracking_uri, config.study_name)
     study_run, study = StudyRun(config), source.study

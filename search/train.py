@@ -16,12 +16,17 @@ import warnings
 
 import optuna
 
-from search.cli import KEY_HELP, command_overrides, help_text, main_guard
-from search.config import flag, whole
-from search.errors import SearchError
-from search.records import mean_and_std
-from search.retrain import retrain_trial
-from search.source import LOCATION_KEYS, open_source
+from search.analysis.final_models import retrain_trial
+from search.config.command_line import (
+    KEY_HELP,
+    command_overrides,
+    help_text,
+    main_guard,
+)
+from search.config.errors import SearchError
+from search.config.settings import flag, whole
+from search.storage.reading import LOCATION_KEYS, open_source
+from search.training.results import mean_and_std
 
 SUMMARY = ("Trains one trial's configuration again with the trainer the search used: on the "
            "training split with the trial's seed, reporting validation accuracy next to what the "

@@ -1,4 +1,4 @@
-"""Tests for search.augment: crop/flip semantics and the on-device batch loader."""
+"""Tests for search.training.augment: crop/flip semantics and the on-device batch loader."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from search.augment import BatchLoader, random_crop, random_flip
-from search.data import ImageSet
-from search.errors import SearchError
+from search.config.errors import SearchError
+from search.training.augment import BatchLoader, random_crop, random_flip
+from search.training.images import ImageSet
 
 MEAN = (0.4, 0.5, 0.6)
 STD = (0.2, 0.25, 0.3)

@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from search.config import DEFAULT_STORAGE, available_studies, load_config, to_yaml
-from search.errors import SearchError
+from search.config.errors import SearchError
+from search.config.settings import (
+    DEFAULT_STORAGE,
+    available_studies,
+    load_config,
+    to_yaml,
+)
 
 
 def test_shipped_studies_load_with_their_baselines():

@@ -1,10 +1,10 @@
-"""Learning curves drawn by the helper process (search.curves), and the fallback without it."""
+"""Learning curves drawn by the helper process (search.tracking.curves), and the fallback without it."""
 
 from __future__ import annotations
 
 import sys
 
-from search.curves import CurveDrawer
+from search.tracking.curves import CurveDrawer
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

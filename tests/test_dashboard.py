@@ -14,10 +14,15 @@ from optuna.trial import TrialState
 from werkzeug.test import Client
 
 from search import dashboard
-from search.artifacts import DashboardArtifacts, artifact_dir, artifact_store, study_note
-from search.cli import main_guard
-from search.config import load_config
-from search.records import EpochMetrics
+from search.config.command_line import main_guard
+from search.config.settings import load_config
+from search.tracking.dashboard_artifacts import (
+    DashboardArtifacts,
+    artifact_dir,
+    artifact_store,
+    study_note,
+)
+from search.training.results import EpochMetrics
 
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 

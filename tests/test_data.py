@@ -1,4 +1,4 @@
-"""Tests for search.data: file formats, error messages, the validation split, fake data."""
+"""Tests for search.training.images: file formats, error messages, the validation split, fake data."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from search import data as data_module
-from search.data import DATASETS, ImageSet, load_split, train_val_split
-from search.errors import SearchError
+from search.config.errors import SearchError
+from search.training import images as data_module
+from search.training.images import DATASETS, ImageSet, load_split, train_val_split
 
 # ----------------------------------------------------------------------------------------------
 # Writers of tiny files in the real on-disk formats

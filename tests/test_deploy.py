@@ -239,7 +239,7 @@ def test_compose_services_healthchecks_and_databases(monkeypatch: pytest.MonkeyP
         assert any(fnmatch.fnmatch(host, pattern) for pattern in allowed), (host, allowed)
 
     # The dashboard and the one-shot data download name the study and data of the workers.
-    from search.config import load_config
+    from search.config.settings import load_config
 
     monkeypatch.chdir(ROOT)  # studies/ is read from the working directory
     dashboard = compose_args("dashboard", "search.dashboard")

@@ -1,4 +1,4 @@
-"""Tests for search.models: shapes on every data set, parameter knobs, counts, memory formats."""
+"""Tests for search.training.models: shapes on every data set, parameter knobs, counts, memory formats."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from search.errors import SearchError
-from search.models import ACTIVATIONS, MODELS, build_model, count_parameters
+from search.config.errors import SearchError
+from search.training.models import ACTIVATIONS, MODELS, build_model, count_parameters
 
 # (in_channels, image_size, num_classes) of the data sets the searches run on.
 DATASETS = {

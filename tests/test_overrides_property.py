@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from search.config import SECTIONS, SETTINGS, StudyConfig, load_config
-from search.errors import SearchError
-from search.params import PARAMS
+from search.config.errors import SearchError
+from search.config.params import PARAMS
+from search.config.settings import SECTIONS, SETTINGS, StudyConfig, load_config
 
 FIELDS = ("type", "low", "high", "log", "step", "choices", "when", "ranges",
           "ranges.optimizer", "ranges.optimizer.sgd")

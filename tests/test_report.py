@@ -18,12 +18,12 @@ import pytest
 from conftest import SMALL_CNN, one_thread, run_cli
 from optuna.trial import TrialState
 
-from search.cli import main_guard
-from search.report import StudyReport, open_source, write_comparison
-from search.report import data as report_data
-from search.report.__main__ import main as report_main
-from search.report.__main__ import split_studies
-from search.report.render import Table, format_cell, to_markdown
+from search.analysis import StudyReport, open_source, write_comparison
+from search.analysis import tables as report_data
+from search.analysis.render import Table, format_cell, to_markdown
+from search.config.command_line import main_guard
+from search.report import main as report_main
+from search.report import split_studies
 
 pytestmark = pytest.mark.slow  # the shared study is made by the command, in a subprocess
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -324,7 +324,7 @@ def test_markdown_table_escapes_pipes_and_formats_numbers() -> None:
 
 
 def test_html_escapes_text_and_renders_inline_marks(tmp_path: Path) -> None:
-    from search.report.render import Text, to_html
+    from search.analysis.render import Text, to_html
 
     page = to_html([Text("a <b> & `x=1` **bold** *note*")], "t", tmp_path)
     assert "a &lt;b&gt; &amp; <code>x=1</code> <strong>bold</strong> <em>note</em>" in page

@@ -10,16 +10,16 @@ from conftest import SMALL_CNN
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from search.config import load_config
-from search.data import DATASETS, load_search_data
-from search.errors import SearchError
-from search.models import build_model, model_size
-from search.objective import Objective, StopSignal
-from search.preflight import prepare
-from search.session import run_reserved
-from search.space import suggest
-from search.study import OVER_BUDGET_ATTR, count_finished, open_study
-from search.trainer import build_optimizer
+from search.config.errors import SearchError
+from search.config.settings import load_config
+from search.config.space import suggest
+from search.runner.objective import Objective, StopSignal
+from search.runner.preflight import prepare
+from search.runner.process import run_reserved
+from search.storage.studies import OVER_BUDGET_ATTR, count_finished, open_study
+from search.training.images import DATASETS, load_search_data
+from search.training.loop import build_optimizer
+from search.training.models import build_model, model_size
 
 
 class RecordingTrial(optuna.trial.FixedTrial):
@@ -100,7 +100,7 @@ def test_an_over_budget_model_is_never_trained_nor_counted(tmp_path, monkeypatch
     config = load_config([*BUDGET_SPACE, f"max_params={budget}", "n_trials=4", "sampler=tpe",
                           "sampler.n_startup_trials=2", f"storage=sqlite:///{tmp_path}/o.db"])
     trained = []
-    from search import objective as objective_module
+    from search.runner import objective as objective_module
 
     real_train = objective_module.train
 
@@ -160,7 +160,7 @@ def test_a_warm_start_queues_the_best_configurations_of_another_study(tmp_path, 
 # ---------------------------------------------------------------- MLflow
 
 def test_the_experiment_opens_on_training_runs_in_the_mlflow_ui(tmp_path):
-    from search.tracking import StudyRun
+    from search.tracking.mlflow_runs import StudyRun
 
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     config = load_config(["study=cnn3", "dataset=fake", f"tracking_uri={tracking}",

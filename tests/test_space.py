@@ -5,9 +5,15 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from search.config import load_config
-from search.errors import SearchError
-from search.space import check_baseline, parse_param, parse_space, searched_params, suggest
+from search.config.errors import SearchError
+from search.config.settings import load_config
+from search.config.space import (
+    check_baseline,
+    parse_param,
+    parse_space,
+    searched_params,
+    suggest,
+)
 
 SPACE = parse_space({
     "optimizer": {"type": "categorical", "choices": ["sgd", "adam"]},

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from benchmarks import speed as bench
-from search.augment import BatchLoader, _epoch_seed, random_crop, random_flip
-from search.data import DATASETS, ImageSet, load_split, train_val_split
-from search.errors import SearchError
-from search.models import build_model
-from search.trainer import Speed, evaluate, make_loader, predict, train
+from search.config.errors import SearchError
+from search.training.augment import BatchLoader, _epoch_seed, random_crop, random_flip
+from search.training.images import DATASETS, ImageSet, load_split, train_val_split
+from search.training.loop import Speed, evaluate, make_loader, predict, train
+from search.training.models import build_model
 
 SMALL = {"width_1": 8, "width_2": 8, "width_3": 16, "hidden_1": 32, "hidden_2": 0,
          "batch_size": 64, "optimizer": "adam", "lr": 3e-3, "augment": True}

@@ -1,15 +1,13 @@
-"""The package's structure, read from its own imports (function-level ones included): arrows
-point one way, the report layer is a leaf, the trainer knows neither Optuna nor MLflow, and
-every hyperparameter has one owner."""
+"""The package's structure, read from its own imports (function-level ones included): the
+subpackages are layers and every arrow points down, the training layer knows neither Optuna nor
+MLflow, and every hyperparameter has one owner."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-import pytest
-
-from search import params as registry
+from search.config import params as registry
 
 PACKAGE = Path(__file__).resolve().parents[1] / "search"
 
@@ -29,7 +27,7 @@ def import_graph() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets |= {alias.name for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module:
-                # `from search.report import figures` imports the submodule, not the package's
+                # `from search.analysis import figures` imports the submodule, not the package's
                 # names (Python runs the package's __init__ either way, as for any submodule).
                 for alias in node.names:
                     submodule = f"{node.module}.{alias.name}"
@@ -78,10 +76,45 @@ def test_a_planted_cycle_would_be_found():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-def test_only_the_report_imports_the_report():
-    for module, targets in import_graph().items():
-        if not module.startswith("search.report"):
-            assert not [t for t in targets if t.startswith("search.report")], module
+# The layers, bottom first. A module may import its own layer and the layers below it, never one
+# above, nor its neighbour on the same floor (training and storage know nothing of each other).
+# The modules directly in search/ are the commands people type (`python -m search.run`).
+LAYERS = (("config",), ("training", "storage"), ("tracking",), ("runner",), ("analysis",),
+          ("commands",))
+FLOOR = {name: floor for floor, names in enumerate(LAYERS) for name in names}
+
+
+def layer(module: str) -> str:
+    """`search.storage.recovery` -> `storage`; `search.run` (a command) -> `commands`."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in FLOOR else "commands"
+
+
+def against_the_layers(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a higher layer, or of another layer on the same floor."""
+    return sorted(f"{module} -> {target}" for module, targets in graph.items() for target in targets
+                  if layer(module) != layer(target)
+                  and FLOOR[layer(target)] >= FLOOR[layer(module)])
+
+
+def test_every_import_points_down_the_layers():
+    assert against_the_layers(import_graph()) == []
+
+
+def test_every_module_lives_in_a_layer_or_is_a_command():
+    folders = {p.parent.name for p in PACKAGE.rglob("*.py") if p.parent != PACKAGE}
+    assert folders == set(FLOOR) - {"commands"}
+    commands = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
+    assert commands == {"run", "train", "sync", "dashboard", "report"}
+
+
+def test_an_upward_or_sideways_import_would_be_found():
+    graph = {"search.config.space": {"search.storage.studies"},          # up
+             "search.training.loop": {"search.storage.checkpoints"},     # sideways
+             "search.runner.objective": {"search.training.loop"},        # down: fine
+             "search.run": {"search.runner.process"}}                    # down: fine
+    assert against_the_layers(graph) == ["search.config.space -> search.storage.studies",
+                                         "search.training.loop -> search.storage.checkpoints"]
 
 
 def third_party(path: Path) -> set[str]:
@@ -95,16 +128,20 @@ def third_party(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("name", ["trainer", "models", "data", "augment", "records", "params"])
-def test_the_core_knows_neither_optuna_nor_mlflow(name):
-    imported = third_party(PACKAGE / f"{name}.py")
-    assert not imported & {"optuna", "mlflow"}, name
-    if name in ("params", "records"):
-        assert "torch" not in imported, name  # plain data, readable without PyTorch
+def test_the_training_layer_knows_neither_optuna_nor_mlflow():
+    for path in (PACKAGE / "training").glob("*.py"):
+        assert not third_party(path) & {"optuna", "mlflow"}, path.name
 
 
-def test_only_tracking_imports_mlflow():
-    assert [p.name for p in PACKAGE.rglob("*.py") if "mlflow" in third_party(p)] == ["tracking.py"]
+def test_the_config_layer_and_plain_records_need_no_pytorch():
+    """--help, --cfg and a bad override answer without importing PyTorch (~3 s)."""
+    for path in [*(PACKAGE / "config").glob("*.py"), PACKAGE / "training" / "results.py"]:
+        assert "torch" not in third_party(path), path.name
+
+
+def test_only_one_module_imports_mlflow():
+    assert [p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")
+            if "mlflow" in third_party(p)] == ["tracking/mlflow_runs.py"]
 
 
 def test_no_benchmark_inside_the_package():
@@ -125,6 +162,6 @@ def test_every_parameter_read_by_the_code_has_one_owner():
 
 
 def test_model_activations_match_the_registry():
-    from search.models import ACTIVATIONS
+    from search.training.models import ACTIVATIONS
 
     assert tuple(ACTIVATIONS) == registry.ACTIVATIONS

@@ -11,14 +11,20 @@ import torch
 from conftest import TINY
 from optuna.trial import TrialState
 
-from search import objective as objective_module
-from search.config import load_config
-from search.data import load_search_data
-from search.errors import SearchError
-from search.objective import Objective, TrialFailed
-from search.records import repeat_seed, trial_seed
-from search.space import suggest
-from search.study import check_resume, check_storage, make_pruner, make_storage, open_study
+from search.config.errors import SearchError
+from search.config.settings import load_config
+from search.config.space import suggest
+from search.runner import objective as objective_module
+from search.runner.objective import Objective, TrialFailed
+from search.storage.studies import (
+    check_resume,
+    check_storage,
+    make_pruner,
+    make_storage,
+    open_study,
+)
+from search.training.images import load_search_data
+from search.training.results import repeat_seed, trial_seed
 
 
 def config_for(storage: str, *extra: str):
@@ -113,11 +119,11 @@ def _ask_tell(pruner: optuna.pruners.BasePruner, storage: str, n_trials: int) ->
 
 
 def test_hyperband_reads_the_storage_once_per_trial_and_decides_as_optunas(tmp_path):
-    # search.study.HyperbandPruner overrides this private method of Optuna's; if a new Optuna
+    # search.storage.studies.HyperbandPruner overrides this private method of Optuna's; if a new Optuna
     # renames it, the override silently stops working: fail here, loudly, instead.
     assert callable(vars(optuna.pruners.HyperbandPruner).get("_create_bracket_study")), (
         "Optuna no longer has HyperbandPruner._create_bracket_study: "
-        "search.study.HyperbandPruner must be rewritten for this Optuna version")
+        "search.storage.studies.HyperbandPruner must be rewritten for this Optuna version")
     config = load_config(["study=cnn3", "epochs=9", "pruner=hyperband"])
     ours, our_reads = _ask_tell(make_pruner(config), f"sqlite:///{tmp_path}/ours.db", 12)
     theirs, their_reads = _ask_tell(optuna.pruners.HyperbandPruner(max_resource=9),

@@ -1,4 +1,4 @@
-"""MLflow tracking (search.tracking), read back through MlflowClient.
+"""MLflow tracking (search.tracking.mlflow_runs), read back through MlflowClient.
 
 End to end: the real CLI in subprocesses against a real `mlflow server` (SQLite backend, free port,
 started once per session) and against the default embedded store. In process: the observer's
@@ -17,14 +17,13 @@ from conftest import SMALL_CNN, finish, free_port, run_cli, start_cli
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from search.artifacts import DashboardArtifacts
-from search.cli import main_guard
-from search.config import load_config
-from search.errors import SearchError
-from search.records import EpochMetrics, FinalRun
+from search.config.command_line import main_guard
+from search.config.errors import SearchError
+from search.config.settings import load_config
 from search.run import main as run_main
-from search.session import make_observers
-from search.tracking import (
+from search.runner.process import make_observers
+from search.tracking.dashboard_artifacts import DashboardArtifacts
+from search.tracking.mlflow_runs import (
     PARENT_RUN_ATTR,
     RUN_ID_ATTR,
     StudyRun,
@@ -32,6 +31,7 @@ from search.tracking import (
     check_tracking,
     final_run_logger,
 )
+from search.training.results import EpochMetrics, FinalRun
 
 # MLflow's own SQLAlchemy store warns about itself; nothing here to act on.
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")

@@ -11,14 +11,14 @@ import torch
 from conftest import SMALL_CNN, one_thread
 from optuna.trial import TrialState
 
-from search.cli import main_guard
-from search.config import load_config
-from search.data import load_search_data
-from search.objective import Objective
-from search.retrain import retrain_trial
-from search.source import open_source, retrain_command
-from search.study import open_study
+from search.analysis.final_models import retrain_trial
+from search.config.command_line import main_guard
+from search.config.settings import load_config
+from search.runner.objective import Objective
+from search.storage.reading import open_source, retrain_command
+from search.storage.studies import open_study
 from search.train import main as train_main
+from search.training.images import load_search_data
 
 TINY = ["dataset=fake", "epochs=2", "tracking_uri=none", "baselines=[]", *SMALL_CNN]
 

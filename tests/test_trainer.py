@@ -7,8 +7,13 @@ import io
 import pytest
 import torch
 
-from search.data import DATASETS, load_split, train_val_split
-from search.trainer import TrainingDiverged, build_optimizer, build_schedule, train
+from search.training.images import DATASETS, load_split, train_val_split
+from search.training.loop import (
+    TrainingDiverged,
+    build_optimizer,
+    build_schedule,
+    train,
+)
 
 SMALL = {"width_1": 8, "width_2": 8, "width_3": 16, "hidden_1": 32, "hidden_2": 0,
          "batch_size": 64, "optimizer": "adam", "lr": 3e-3}

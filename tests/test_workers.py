@@ -13,11 +13,11 @@ import torch
 from conftest import TINY, run_cli
 from optuna.trial import TrialState
 
-from search.config import load_config
-from search.errors import SearchError
-from search.objective import StopSignal, TrialFailed
-from search.session import run_reserved
-from search.workers import placement
+from search.config.errors import SearchError
+from search.config.settings import load_config
+from search.runner.objective import StopSignal, TrialFailed
+from search.runner.process import run_reserved
+from search.runner.workers import placement
 
 
 def _run_threads(tmp_path: Path, n_trials: int, threads: int, objective) -> optuna.Study:

@@ -1,0 +1,363 @@
+"""One study's report: compute the data, draw the figures, lay out the blocks, write the files
+(`report.md`, `report.html`, `trials.csv`, `final.csv` when retrained, and the PNGs)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import pandas as pd
+from matplotlib.figure import Figure
+from optuna.trial import FrozenTrial
+
+from search.analysis import figures, final_tables, tables
+from search.analysis.final_models import (
+    FinalEvaluation,
+    FinalResult,
+    FinalRunHook,
+    final_evaluation,
+)
+from search.analysis.render import (
+    Block,
+    Code,
+    Heading,
+    Image,
+    Table,
+    Text,
+    format_seconds,
+    to_html,
+    to_markdown,
+)
+from search.config.errors import SearchError, first_line
+from search.config.settings import StudyConfig, to_yaml
+from search.config.urls import masked
+from search.storage.reading import StudySource, location_args, retrain_command
+from search.training.images import DATASETS
+from search.training.loop import resolve_device
+
+# Slice plots and parallel coordinates show this many of the most important parameters.
+MOST_IMPORTANT = 4
+PARALLEL_PARAMS = 8
+
+
+class ReportOptions(NamedTuple):
+    top_k: int = 5
+    retrain: int = 0                            # retrain the top N on train+val; 0: no final evaluation
+    seeds: int = 3
+    out: Path = Path("reports")
+
+
+class StudyReport(NamedTuple):
+    """What was written, and what a comparison of several studies needs."""
+
+    folder: Path
+    config: StudyConfig
+    summary: tables.Summary
+    best: FrozenTrial | None
+    evaluation: FinalEvaluation | None
+    figures: tuple[str, ...]
+
+    @property
+    def markdown(self) -> Path:
+        return self.folder / "report.md"
+
+    @property
+    def html(self) -> Path:
+        return self.folder / "report.html"
+
+
+class _Figures:
+    """Draws figures into the report folder; a figure that cannot be drawn becomes a note in the
+    report (a report of a half-finished study must still come out), never a crash."""
+
+    def __init__(self, folder: Path, log: Callable[[str], None]) -> None:
+        self.folder, self.log, self.written = folder, log, []
+
+    def add(self, blocks: list[Block], file: str, caption: str, draw: Callable[[], Figure]) -> None:
+        try:
+            figures.save_png(draw(), self.folder / file)
+        except Exception as error:  # noqa: BLE001 - one broken plot must not sink the report
+            figures.plt.close("all")
+            reason = first_line(error)
+            self.log(f"warning: figure {file} not drawn: {reason}")
+            blocks.append(Text(f"*{caption.split(':')[0]}: not drawn ({reason}).*"))
+            return
+        self.written.append(file)
+        blocks.append(Image(file, caption))
+
+
+# ---------------------------------------------------------------- sections
+
+def _summary_blocks(summary: tables.Summary, config: StudyConfig) -> list[Block]:
+    counts = ", ".join(f"{n} {state}" for state, n in summary.counts.items())
+    rows = [
+        ("model", config.model),
+        ("dataset", f"{config.dataset} (validation split of "
+                    f"{config.val_size or DATASETS[config.dataset].val_size} training images, seed "
+                    f"{config.seed}; the test set is not used by the search)"),
+        ("epoch budget", f"{config.epochs} epochs per trial"),
+        ("sampler", summary.sampler),
+        ("pruner", summary.pruner),
+        ("trials", f"{counts} ({summary.finished} finished of n_trials={config.n_trials})"),
+        ("best", f"trial {summary.best_trial}: validation accuracy {summary.best_value:.4f}"
+         if summary.best_value is not None else "no complete trial yet"),
+        ("wall time", f"{format_seconds(summary.wall_seconds)} (first trial start to last trial end); "
+                      f"{format_seconds(summary.compute_seconds)} of trial time in total"),
+        ("pruning", f"{summary.epochs_run} epochs trained by finished trials instead of "
+                    f"{summary.epochs_without_pruning} without pruning "
+                    f"({summary.finished} x {config.epochs}): {summary.epochs_saved:.0%} saved"),
+    ]
+    blocks: list[Block] = [Heading("Summary"),
+                           Table(pd.DataFrame(rows, columns=["", "value"]))]
+    running, waiting = summary.counts.get("running", 0), summary.counts.get("waiting", 0)
+    if running or waiting:
+        blocks.append(Text(
+            f"**Note:** {running} trial(s) still running (or whose process died without "
+            f"recording it)" + (f" and {waiting} queued" if waiting else "")
+            + ": the study is running or was interrupted; this report covers the trials "
+            "recorded so far."))
+    blocks += [Heading("Search space", 3),
+               Table(pd.DataFrame(summary.space, columns=["parameter", "values", "meaning"]),
+                     code_columns=("parameter",))]
+    return blocks
+
+
+def _top_blocks(study, config: StudyConfig, options: ReportOptions) -> list[Block]:
+    top = tables.top_trials(study, options.top_k)
+    baselines = [t for t in tables.baseline_trials(study) if t.params]
+    blocks: list[Block] = [Heading(f"Top {options.top_k} configurations")]
+    if not top:
+        return blocks + [Text("No trial has completed yet, so there is nothing to rank.")]
+    blocks.append(Text(
+        "Ranked by validation accuracy after the last epoch (the search's objective); "
+        "`best_val_accuracy` is the best epoch's. Each command trains that configuration again "
+        "with the trial's seed (add `full=true` to train on train + validation and test it)."))
+    table = tables.top_table(top, baselines, config)
+    blocks.append(Table(table, code_columns=("command",)))
+    listed = top + [t for t in baselines if t.number not in {x.number for x in top}]
+    labels = [f"#{rank} (trial {t.number}{', baseline' if tables.is_baseline(t) else ''})"
+              for rank, t in enumerate(top, 1)]
+    labels += [f"baseline (trial {t.number})" for t in listed[len(top):]]
+    blocks += [Heading("Their parameters", 3), Table(tables.params_table(listed, config, labels),
+                                                     index=True)]
+    best = top[0]
+    for trial in baselines:
+        value = table.loc[table["trial"] == trial.number, "val_accuracy"].iloc[-1]
+        if value is not None and not pd.isna(value) and trial.number != best.number:
+            blocks.append(Text(
+                f"The best configuration's validation accuracy is {best.value - value:+.4f} "
+                f"against the baseline (trial {trial.number}, {trial.state.name.lower()}"
+                f"{'' if trial.state.name == 'COMPLETE' else ', its last reported epoch'}); "
+                "one seed each, so see the final evaluation for how much of that is noise."))
+    if not baselines:
+        blocks.append(Text("This study has no baseline trial (none configured, or the baseline "
+                           "did not fit the space it was run with)."))
+    return blocks
+
+
+def _figure_blocks(study, config: StudyConfig, drawer: _Figures) -> list[Block]:
+    blocks: list[Block] = [Heading("How the search went")]
+    cost = tables.cost_to_best(study)
+    if cost is not None:
+        blocks.append(Text(
+            f"**Cost to best:** the search was within {cost.tolerance:g} (one percentage point) "
+            f"of its best validation accuracy ({cost.best:.4f}) after {cost.trials_needed} ended trials "
+            f"and {format_seconds(cost.seconds_needed)} of wall time (trial {cost.reached_by})."))
+        drawer.add(blocks, "cost_to_best.png",
+                   "Cost to best: best validation accuracy so far against trials ended and "
+                   "wall time; the band is within one percentage point of the best",
+                   lambda: figures.draw_cost_to_best(cost))
+    drawer.add(blocks, "optimization_history.png",
+               "Optimisation history: validation accuracy of each complete trial and the best so far",
+               lambda: figures.draw_optimization_history(study))
+    curves = tables.learning_curves(study)
+    if curves:
+        drawer.add(blocks, "learning_curves.png",
+                   "Learning curves: validation accuracy per epoch of every trial (Optuna's "
+                   "intermediate values); a cross marks where the pruner stopped a trial",
+                   lambda: figures.draw_learning_curves(curves, config.epochs))
+    drawer.add(blocks, "timeline.png", "Timeline: when each trial ran, coloured by its state",
+               lambda: figures.draw_timeline(study))
+
+    frontier = tables.size_frontier(study, config)
+    if frontier is not None:
+        blocks.append(Heading("Accuracy against model size"))
+        best = max(zip(frontier.values, frontier.numbers, frontier.parameter_counts))
+        budget = (f"Every model trained stayed within the budget of max_params = "
+                  f"{frontier.budget:,} (larger ones were not trained); the best under it is "
+                  if frontier.budget is not None else "The best is ")
+        blocks.append(Text(f"{budget}trial {best[1]}, {best[2]:,} parameters, validation accuracy "
+                           f"{best[0]:.4f}. The Pareto front lists the trials that no smaller "
+                           "trial beats: the sizes worth choosing between."))
+        drawer.add(blocks, "size_frontier.png",
+                   "Accuracy against parameter count of every complete trial, with the Pareto "
+                   "front", lambda: figures.draw_size_frontier(frontier))
+        blocks.append(Table(tables.frontier_table(frontier)))
+    blocks.append(Heading("Which parameters matter"))
+    importances = tables.param_importances(study, seed=config.seed)
+    summary_complete = len(tables.complete_trials(study))
+    if importances.values:
+        drawer.add(blocks, "param_importances.png",
+                   f"Parameter importances (fANOVA over the {summary_complete} complete trials; "
+                   "parameters present in every complete trial; with few trials, a rough guide)",
+                   lambda: figures.draw_importances(study, importances, config.seed))
+    else:
+        blocks.append(Text(f"*Parameter importances: not computed ({importances.reason}).*"))
+    important = tables.important_params(study, importances, MOST_IMPORTANT)
+    parallel = tables.important_params(study, importances, PARALLEL_PARAMS)
+    if important:
+        drawer.add(blocks, "slices.png",
+                   f"Slice plots of the {len(important)} most important parameters: validation "
+                   "accuracy of each complete trial against the parameter's value",
+                   lambda: figures.draw_slices(study, important))
+        drawer.add(blocks, "parallel_coordinates.png",
+                   "Parallel coordinates of the most important parameters, coloured by validation "
+                   "accuracy", lambda: figures.draw_parallel_coordinates(study, parallel))
+    else:
+        blocks.append(Text("*Slice and parallel-coordinate plots: no parameter took two different "
+                           "values in complete trials yet.*"))
+    effects = tables.categorical_effects(study, config)
+    if effects:
+        drawer.add(blocks, "categorical_params.png",
+                   "Validation accuracy of complete trials per value of each categorical parameter "
+                   "(box: quartiles; dots: trials)", lambda: figures.draw_categorical_effects(effects))
+        blocks.append(Table(tables.categorical_table(effects)))
+    else:
+        blocks.append(Text("*Accuracy per categorical value: no categorical parameter took two "
+                           "values in complete trials yet.*"))
+    return blocks
+
+
+def _final_entries(study, retrain: int) -> list[tuple[str, FrozenTrial]]:
+    """The top `retrain` configurations, then each baseline not among them."""
+    top = tables.top_trials(study, retrain)
+    entries = [(f"rank {rank}", t) for rank, t in enumerate(top, 1)]
+    chosen = {t.number for t in top}
+    baselines = [t for t in tables.baseline_trials(study) if t.params]
+    for trial in baselines:
+        label = "baseline" if len(baselines) == 1 else f"baseline {trial.user_attrs['baseline']}"
+        if trial.number in chosen:
+            entries = [(f"{name} = {label}" if t.number == trial.number else name, t)
+                       for name, t in entries]
+        else:
+            entries.append((label, trial))
+    return entries
+
+
+def significance(best: FinalResult, baseline: FinalResult) -> str:
+    """Welch's t-test of the two configurations' test accuracies over seeds, in one sentence."""
+    if len(best.test_accuracies) < 2 or len(baseline.test_accuracies) < 2:
+        return " One seed each: no significance can be computed (use seeds=3 or more)."
+    from scipy.stats import ttest_ind
+
+    p = ttest_ind(best.test_accuracies, baseline.test_accuracies, equal_var=False).pvalue
+    if p != p:  # every seed gave the same accuracy in both
+        return " The seeds did not vary: no significance can be computed."
+    verdict = ("significant at the 5% level" if p < 0.05 else "not significant at the 5% level")
+    return (f" Welch's t-test over the seeds: p = {p:.3g}, {verdict}"
+            f"{' (the search found a better configuration)' if p < 0.05 and best.mean > baseline.mean else ''}.")
+
+
+def _final_blocks(study, config: StudyConfig, options: ReportOptions, drawer: _Figures,
+                  on_final_run: FinalRunHook | None,
+                  log: Callable[[str], None]) -> tuple[list[Block], FinalEvaluation | None]:
+    blocks: list[Block] = [Heading("Final evaluation on the test set")]
+    if not options.retrain:
+        return blocks + [Text("Not run (`retrain=none`). Add `retrain=top3` to retrain the three "
+                              "best configurations on train + validation and test them.")], None
+    entries = _final_entries(study, options.retrain)
+    if not any(label.startswith("rank") for label, _ in entries):
+        return blocks + [Text("Not run: no trial has completed yet.")], None
+    log(f"final evaluation: {len(entries)} configurations x {options.seeds} seeds x "
+        f"{config.epochs} epochs on {config.dataset}")
+    evaluation = final_evaluation(config, entries, seeds=options.seeds,
+                                        device=resolve_device(config.device), on_run=on_final_run,
+                                        log=log)
+    table = final_tables.final_table(evaluation)
+    table.to_csv(drawer.folder / "final.csv", index=False)
+    blocks.append(Text(
+        f"Each configuration was trained again on the whole training set ({evaluation.train_images} "
+        f"images: train + validation) for the full budget of {evaluation.epochs} epochs with "
+        f"{evaluation.seeds} seed(s), and each model was evaluated once on the "
+        f"{evaluation.test_images} test images. Mean ± sample standard deviation over seeds."))
+    blocks.append(Table(table))
+    baseline = next((r for r in evaluation.results if "baseline" in r.label), None)
+    best = evaluation.results[0]
+    if baseline is not None and baseline is not best:
+        spread = ""
+        if best.std is not None and baseline.std is not None:
+            spread = (f" (standard deviation over seeds: {best.std:.4f} for rank 1, "
+                      f"{baseline.std:.4f} for the baseline; with {evaluation.seeds} seeds, a "
+                      "difference of less than about two standard deviations is not a reliable "
+                      "improvement)")
+        blocks.append(Text(f"Rank 1 minus baseline: {best.mean - baseline.mean:+.4f} mean test "
+                           f"accuracy{spread}." + significance(best, baseline)))
+    if evaluation.predictions is not None:
+        predictions = evaluation.predictions
+        names = final_tables.class_names(config.dataset)
+        who = f"{predictions.label} (trial {predictions.trial_number}), first seed"
+        matrix = final_tables.confusion(predictions, len(names))
+        drawer.add(blocks, "confusion_matrix.png",
+                   f"Confusion matrix on the test set of {who}; rows are true classes, "
+                   "normalised to sum to 1",
+                   lambda: figures.draw_confusion_matrix(matrix, names, f"Confusion matrix: {who}"))
+        drawer.add(blocks, "tsne.png",
+                   f"t-SNE of the penultimate-layer features of {who} on "
+                   f"{len(predictions.features)} test images, coloured by true class",
+                   lambda: figures.draw_tsne(final_tables.tsne_embedding(predictions, seed=config.seed),
+                                             predictions.feature_labels, names,
+                                             f"t-SNE of penultimate features: {who}"))
+    return blocks, evaluation
+
+
+# ---------------------------------------------------------------- the whole report
+
+def write_report(source: StudySource, options: ReportOptions, *,
+                 on_final_run: FinalRunHook | None = None,
+                 log: Callable[[str], None] = print) -> StudyReport:
+    """Writes `<out>/<study_name>/` and returns what was written.
+
+    Raises:
+        SearchError: the study has no finished (complete or pruned) trial.
+    """
+    study, config = source.study, source.config
+    summary = tables.summarize(study, config)
+    if summary.finished == 0:
+        counts = ", ".join(f"{n} {s}" for s, n in summary.counts.items()) or "no trials"
+        raise SearchError(f"study '{study.study_name}' in {masked(config.storage)} has no finished trial yet "
+                          f"({counts}); a report needs at least one complete or pruned trial. "
+                          f"Run or resume it: python -m search.run {location_args(config)}")
+    folder = options.out / study.study_name
+    folder.mkdir(parents=True, exist_ok=True)
+    tables.trials_frame(study, config).to_csv(folder / "trials.csv", index=False)
+    drawer = _Figures(folder, log)
+
+    blocks: list[Block] = [
+        Heading(f"Hyperparameter search: `{study.study_name}` ({config.model} on {config.dataset})", 1),
+        Text(f"Generated {tables.now()} from `{masked(config.storage)}`, study `{study.study_name}`. "
+             "Every trial is in `trials.csv` (one row per trial, with its parameters and "
+             "learning curve)."),
+    ]
+    if not source.config_from_storage:
+        blocks.append(Text("**Note:** this study stored no config; it is read with today's study "
+                           f"file `{config.study}`, which may differ from the one it ran with."))
+    blocks += _summary_blocks(summary, config)
+    blocks += _top_blocks(study, config, options)
+    blocks += _figure_blocks(study, config, drawer)
+    final_blocks, evaluation = _final_blocks(study, config, options, drawer, on_final_run, log)
+    blocks += final_blocks
+    best = study.best_trial if summary.best_trial is not None else None
+    blocks += [Heading("Reproduce"), Code("\n".join(filter(None, [
+        f"python -m search.report {location_args(config)} retrain=top3    # this report, tested",
+        retrain_command(config, best.number) + "    # the best trial again" if best else "",
+        retrain_command(config, best.number, full=True) + "    # ... on train+val, tested"
+        if best else "",
+    ]))), Text("The study's resolved config, as stored with it (rerun `search.run` with these "
+               "values, or the overrides that produced them, to resume or extend the search):"),
+        Code(to_yaml(config).rstrip())]
+
+    (folder / "report.md").write_text(to_markdown(blocks), encoding="utf-8")
+    title = f"{study.study_name}: {config.model} on {config.dataset}"
+    (folder / "report.html").write_text(to_html(blocks, title, folder), encoding="utf-8")
+    return StudyReport(folder, config, summary, best, evaluation, tuple(drawer.written))

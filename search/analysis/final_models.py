@@ -1,0 +1,235 @@
+"""Training a trial's configuration again, with the same trainer the search used.
+
+Two uses: `search.train` reproduces a trial (train split, validation split, the trial's own seed),
+and the final evaluation (the report's `retrain=topN`, `search.train full=true`) retrains
+configurations on the whole training set (train + validation) for the full epoch budget with
+several seeds and evaluates each model once on the test set. This module is the only one that
+loads the test split.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from search.config.errors import SearchError
+from search.config.params import format_params
+from search.config.settings import StudyConfig
+from search.config.space import trial_params
+from search.storage.reading import StudySource
+from search.training.augment import BatchLoader
+from search.training.images import (
+    DATASETS,
+    DatasetSpec,
+    ImageSet,
+    load_search_data,
+    load_split,
+)
+from search.training.loop import (
+    Speed,
+    evaluate,
+    make_loader,
+    predict,
+    resolve_device,
+    train,
+)
+from search.training.results import (
+    EpochMetrics,
+    FinalRun,
+    TrainResult,
+    mean_and_std,
+    repeat_seed,
+)
+
+MAX_TSNE_POINTS = 1000
+FinalRunHook = Callable[[FinalRun], None]
+
+
+def retrain(config: StudyConfig, params: dict[str, Any], *, train_data: ImageSet,
+            val_data: ImageSet | None, spec: DatasetSpec, seed: int, device: torch.device,
+            on_epoch: Callable[[EpochMetrics], bool | None] | None = None) -> TrainResult:
+    """One training run for the study's full epoch budget (no pruning)."""
+    return train(config.model, params, train_data=train_data, val_data=val_data, spec=spec,
+                 epochs=config.epochs, seed=seed, device=device,
+                 on_epoch=(lambda m: bool(on_epoch(m))) if on_epoch else None)
+
+
+# ---------------------------------------------------------------- final evaluation
+
+class FinalResult(NamedTuple):
+    """Test accuracy of one configuration over its seeds."""
+
+    label: str
+    trial_number: int
+    val_accuracy: float | None                  # what the search measured
+    test_accuracies: tuple[float, ...]
+    train_seconds: float                        # mean per run
+
+    @property
+    def mean(self) -> float:
+        return mean_and_std(self.test_accuracies)[0]
+
+    @property
+    def std(self) -> float | None:
+        """Sample standard deviation over seeds; None with a single seed."""
+        return mean_and_std(self.test_accuracies)[1]
+
+
+class TestPredictions(NamedTuple):
+    """The reference model's view of the test set: for the confusion matrix and the t-SNE."""
+
+    label: str
+    trial_number: int
+    labels: np.ndarray                          # true class of every test image
+    predicted: np.ndarray
+    features: np.ndarray                        # penultimate features of a subsample
+    feature_labels: np.ndarray
+
+
+class FinalEvaluation(NamedTuple):
+    results: list[FinalResult]
+    predictions: TestPredictions | None
+    seeds: int
+    epochs: int
+    train_images: int
+    test_images: int
+
+
+def final_evaluation(config: StudyConfig, entries: Sequence[tuple[str, FrozenTrial]], *,
+                     seeds: int, device: torch.device, on_run: FinalRunHook | None = None,
+                     log: Callable[[str], None] = print,
+                     with_predictions: bool = True) -> FinalEvaluation:
+    """Retrains each (label, trial) on train + validation for `config.epochs` with `seeds`
+    seeds and evaluates each model once on the test set. The first entry's first model is the
+    reference for the confusion matrix and the t-SNE (`with_predictions`): chosen by validation
+    rank, never by test accuracy.
+    """
+    spec = DATASETS[config.dataset]
+    full_train = load_split(config.dataset, config.data_dir, train=True)
+    test = load_split(config.dataset, config.data_dir, train=False)
+    test_loader = _eval_loader(test, spec, device)
+    results, predictions = [], None
+    for label, trial in entries:
+        params = trial_params(trial, config.space)
+        accuracies, seconds = [], []
+        for repeat in range(seeds):
+            seed = repeat_seed(config.seed, trial.number, repeat, trial.user_attrs.get("seed"))
+            started = time.perf_counter()
+            result = retrain(config, params, train_data=full_train, val_data=None, spec=spec,
+                             seed=seed, device=device)
+            seconds.append(time.perf_counter() - started)
+            test_loss, test_accuracy = evaluate(result.model, test_loader, device)
+            accuracies.append(test_accuracy)
+            log(f"final: {label} (trial {trial.number}) seed {repeat + 1}/{seeds}: "
+                f"test accuracy {test_accuracy:.4f} ({seconds[-1]:.0f} s)")
+            if on_run is not None:
+                on_run(FinalRun(config.study_name, label, trial.number, repeat, seed, params,
+                                config.epochs, test_accuracy, test_loss, seconds[-1],
+                                result.parameter_count, result.history))
+            if with_predictions and predictions is None:
+                predictions = predict_test_set(result.model, test, spec, device, label,
+                                               trial.number)
+        results.append(FinalResult(label, trial.number, trial.value, tuple(accuracies),
+                                   sum(seconds) / len(seconds)))
+    return FinalEvaluation(results, predictions, seeds, config.epochs, len(full_train), len(test))
+
+
+def _eval_loader(data: ImageSet, spec: DatasetSpec, device: torch.device) -> BatchLoader:
+    """Evaluation batches of the size the device evaluates fastest at (see `Speed`)."""
+    return make_loader(data, spec, device, batch_size=Speed.for_device(device).eval_batch_size,
+                       train=False)
+
+
+def predict_test_set(model: torch.nn.Module, test: ImageSet, spec: DatasetSpec,
+                     device: torch.device, label: str, trial_number: int,
+                     max_points: int = MAX_TSNE_POINTS, seed: int = 0) -> TestPredictions:
+    """Predicted classes of all test images; penultimate features of a seeded subsample."""
+    loader = _eval_loader(test, spec, device)
+    predicted, labels = predict(model, loader, device)
+    chosen = np.sort(np.random.default_rng(seed).permutation(len(test))[:max_points])
+    index = torch.from_numpy(chosen)
+    subset = ImageSet(test.images.index_select(0, index), test.labels.index_select(0, index))
+    features, feature_labels = predict(model, _eval_loader(subset, spec, device), device,
+                                       features=True)
+    return TestPredictions(label, trial_number, labels.numpy(), predicted.numpy(),
+                           features.numpy(), feature_labels.numpy())
+
+
+# ---------------------------------------------------------------- one trial again (search.train)
+
+class RetrainOutcome(NamedTuple):
+    """What retraining a trial gave, per seed: validation accuracy (full=False) or test accuracy."""
+
+    trial: FrozenTrial
+    full: bool
+    accuracies: tuple[float, ...]
+    histories: tuple[tuple[EpochMetrics, ...], ...]   # per seed; empty when full=True
+
+
+def find_trial(source: StudySource, number: int) -> FrozenTrial:
+    trials = source.study.get_trials(deepcopy=False)
+    match = [t for t in trials if t.number == number]
+    if not match:
+        raise SearchError(f"trial={number}: study '{source.study.study_name}' has trials "
+                          f"0..{len(trials) - 1}." if trials else
+                          f"trial={number}: study '{source.study.study_name}' has no trials.")
+    if not match[0].params:
+        raise SearchError(f"trial={number} has no parameters recorded (state "
+                          f"{match[0].state.name.lower()}): nothing to train.")
+    return match[0]
+
+
+def describe(trial: FrozenTrial) -> str:
+    """How the search left a trial, in words: its state and last validation accuracy."""
+    state = trial.state.name.lower()
+    if trial.state == TrialState.COMPLETE:
+        epochs = trial.user_attrs.get("epochs_run", len(trial.intermediate_values))
+        return f"{state}, validation accuracy {trial.value:.4f} after {epochs} epochs"
+    if trial.intermediate_values:
+        last = max(trial.intermediate_values)
+        text = f"{state} after epoch {last} at validation accuracy {trial.intermediate_values[last]:.4f}"
+    else:
+        text = state
+    reason = trial.user_attrs.get("fail_reason")
+    return text + (f" ({reason})" if reason else "")
+
+
+def retrain_trial(source: StudySource, number: int, *, seeds: int = 1, full: bool = False,
+                  on_final_run: FinalRunHook | None = None,
+                  log: Callable[[str], None] = print) -> RetrainOutcome:
+    """Trains trial `number`'s configuration `seeds` times for the study's full epoch budget."""
+    config, trial = source.config, find_trial(source, number)
+    device = resolve_device(config.device)
+    params = trial_params(trial, config.space)
+    log(f"Trial {trial.number} of study '{source.study.study_name}' ({describe(trial)}): "
+        f"{config.model} on {config.dataset}, {config.epochs} epochs, device {device}")
+    log(f"  params: {format_params(params, limit=99)}")
+    if full:
+        log("  full=true: training on train + validation and evaluating once on the test set.")
+        evaluation = final_evaluation(config, [(f"trial {trial.number}", trial)], seeds=seeds,
+                                      device=device, on_run=on_final_run, log=log,
+                                      with_predictions=False)
+        return RetrainOutcome(trial, True, evaluation.results[0].test_accuracies, ())
+    data = load_search_data(config.dataset, config.data_dir, val_size=config.val_size,
+                            seed=config.seed)
+    accuracies, histories = [], []
+    for repeat in range(seeds):
+        seed = repeat_seed(config.seed, trial.number, repeat, trial.user_attrs.get("seed"))
+
+        def on_epoch(metrics: EpochMetrics) -> bool:
+            recorded = trial.intermediate_values.get(metrics.epoch)
+            log(f"  seed {repeat + 1}/{seeds} epoch {metrics.epoch:>3}: train_loss "
+                f"{metrics.train_loss:.4f} val_accuracy {metrics.val_accuracy:.4f}"
+                + (f"  (search: {recorded:.4f})" if recorded is not None and repeat == 0 else ""))
+            return False
+
+        result = retrain(config, params, train_data=data.train, val_data=data.val, spec=data.spec,
+                         seed=seed, device=device, on_epoch=on_epoch)
+        accuracies.append(result.history[-1].val_accuracy)
+        histories.append(tuple(result.history))
+    return RetrainOutcome(trial, False, tuple(accuracies), tuple(histories))

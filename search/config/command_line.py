@@ -1,0 +1,60 @@
+"""What every `python -m search.*` command shares: `--help` text built from the config's own keys,
+`--cfg`, and turning a `SearchError` into a clean one-paragraph exit (no traceback)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from collections.abc import Callable
+from typing import Any
+
+from search.config.errors import SearchError
+from search.config.params import PARAMS
+from search.config.settings import SETTINGS, available_studies, parse_overrides
+
+# Shown by --help for every key a study file or an override may set.
+KEY_HELP = {key: setting.help for key, setting in SETTINGS.items() if key != "baselines"}
+
+
+def help_text(command: str, summary: str, keys: dict[str, str], examples: list[str],
+              options: tuple[str, ...] = ("--cfg",), with_params: bool = False) -> str:
+    """The --help page: keys, (for search.run) every searchable parameter, studies, examples."""
+    width = max(len(k) for k in keys) + 2
+    flags = "".join(f" [{o}]" for o in (*options, "--help"))
+    lines = [f"usage: python -m {command} study=NAME [key=value ...]{flags}", "",
+             textwrap.fill(summary, 96), "", "keys:"]
+    for key, text in keys.items():
+        lines += textwrap.wrap(text, 100, initial_indent=f"  {key:<{width}}",
+                               subsequent_indent=" " * (width + 2))
+    if with_params:
+        lines += ["", "parameters (space.NAME; which ones a study may use depends on its model):"]
+        lines += [f"  {p.name:<18}{p.valid():<42} {p.help}" for p in PARAMS.values()]
+    studies = available_studies()
+    lines += ["", "studies: " + (", ".join(studies) if studies else "none found under ./studies"),
+              "", "Values are YAML: lists as [sgd,adam], numbers as 1e-3, booleans as true/false.",
+              "", "examples:"]
+    lines += [f"  python -m {command} {example}" for example in examples]
+    return "\n".join(lines)
+
+
+def main_guard(body: Callable[[list[str]], int], argv: list[str] | None = None) -> int:
+    """Runs a command body; user errors become one paragraph on stderr and exit status 2."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    try:
+        return body(sys.argv[1:] if argv is None else argv)
+    except SearchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def command_overrides(argv: list[str], command: str, keys: dict[str, str]) -> dict[str, Any]:
+    """`key=value` words of a command with its own small set of keys (report, train), checked."""
+    options = [a for a in argv if a.startswith("-")]
+    if options:
+        raise SearchError(f"unknown option {options[0]}; options: --help.")
+    overrides = dict(parse_overrides(argv))
+    unknown = [k for k in overrides if k not in keys]
+    if unknown:
+        raise SearchError(f"unknown key '{unknown[0]}' for {command}; keys: {', '.join(keys)}.")
+    return overrides

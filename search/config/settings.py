@@ -1,0 +1,510 @@
+"""Study configuration: a YAML file under `studies/`, edited by `key=value` overrides, validated
+into frozen dataclasses before anything touches a storage.
+
+Every top-level key is one `Setting` in `SETTINGS` (default, help text, check), and every
+hyperparameter one `search.config.params.Param`; --help, validation and the defaults all read those.
+
+OmegaConf (not Hydra) does the merging and parses override values (YAML, plus numbers such as
+`1e-3`): Hydra would own the process (working directory, logging, its own sweeper that hides the
+trial and so cannot prune per epoch), while all we need is YAML, dotted keys and a resolved tree
+we can check ourselves and print with `--cfg`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from search.config.datasets import DATASETS, DEFAULT_DATA_DIR
+from search.config.errors import SearchError, shown
+from search.config.params import MODELS, known_params
+from search.config.space import ParamSpec, check_baseline, parse_space
+from search.config.urls import masked
+
+SAMPLERS = ("tpe", "random", "gp")
+PRUNERS = ("hyperband", "median", "successive_halving", "patient", "none")
+DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+MAX_SEED = 2**31 - 1  # numpy's and Optuna's samplers take 32-bit seeds; trial seeds add to it
+
+
+# ---------------------------------------------------------------- checks of single values
+
+Check = Callable[[str, Any], Any]
+
+
+def _fail(key: str, value: Any, allowed: str) -> SearchError:
+    return SearchError(f"{key}={shown(value)}: expected {allowed}.")
+
+
+def whole(minimum: int, maximum: int | None = None, what: str = "a whole number") -> Check:
+    allowed = f"{what} >= {minimum}" + (f" and <= {maximum:,}" if maximum is not None else "")
+
+    def check(key: str, value: Any) -> int:
+        if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
+                or (maximum is not None and value > maximum)):
+            raise _fail(key, value, allowed)
+        return value
+    return check
+
+
+def seconds(key: str, value: Any) -> float:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+            or value == float("inf")):
+        raise _fail(key, value, "a number of seconds > 0, or null")
+    return float(value)
+
+
+def text(what: str) -> Check:
+    def check(key: str, value: Any) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise _fail(key, value, what)
+        return value
+    return check
+
+
+def flag(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(key, value, "true or false")
+    return value
+
+
+def one_of(allowed: tuple[str, ...]) -> Check:
+    def check(key: str, value: Any) -> str:
+        if value not in allowed or not isinstance(value, str):
+            hint = difflib.get_close_matches(str(value), allowed, n=1)
+            raise SearchError(f"{key}={shown(value)}: unknown value"
+                              + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                              + f"; allowed: {', '.join(allowed)}.")
+        return value
+    return check
+
+
+def optional(check: Check) -> Check:
+    return lambda key, value: None if value is None else check(key, value)
+
+
+def study_names(key: str, value: Any) -> tuple[str, ...]:
+    """`name` or `[a, b]` (or `a,b`) -> names of studies."""
+    names = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else None
+    if not names or not all(isinstance(n, str) and n.strip() for n in names):
+        raise _fail(key, value, "a study name or a list of them, e.g. [cnn3-fast, cnn3-wide]")
+    return tuple(n.strip() for n in names)
+
+
+def gpu_list(key: str, value: Any) -> tuple[int, ...]:
+    """`[0,1]` or `0,1` (or one id) -> (0, 1): distinct GPU ids."""
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+    try:
+        ids = tuple(int(str(item).strip()) for item in items if not isinstance(item, bool))
+    except ValueError:
+        ids = ()
+    if not ids or len(ids) != len(items) or min(ids) < 0 or len(set(ids)) != len(ids):
+        raise _fail(key, value, "distinct GPU ids >= 0, e.g. gpus=[0,1] or gpus=0,1")
+    return ids
+
+
+def device_name(key: str, value: Any) -> str:
+    if not (isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?", value)):
+        raise SearchError(f"{key}={shown(value)}: unknown device; allowed: auto, cpu, cuda, cuda:N.")
+    return value
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A key of a study file or an override: its default, its --help line, how it is checked."""
+
+    default: Any
+    help: str
+    check: Check | None = None          # None: a section checked as a whole (space, ...)
+
+
+SETTINGS: dict[str, Setting] = {
+    "study": Setting(None, "study file under studies/ (or a path to a .yaml file)"),
+    "model": Setting(None, " | ".join(MODELS), one_of(tuple(MODELS))),
+    "dataset": Setting(None, " | ".join(DATASETS), one_of(tuple(DATASETS))),
+    "data_dir": Setting(str(DEFAULT_DATA_DIR), "where datasets live / are downloaded to (default: "
+                        "data; only the default falls back to a system copy)",
+                        text("a directory path")),
+    "val_size": Setting(None, "validation images carved from the training set (default: 5000; "
+                              "fake: 256)", optional(whole(1, what="a whole number of images"))),
+    "epochs": Setting(10, "most epochs a trial trains: the pruner's max resource",
+                      whole(1, 100_000, "a whole number of epochs")),
+    "n_trials": Setting(20, "finished (complete + pruned) trials the study should have",
+                        whole(1, 1_000_000, "a whole number of trials")),
+    "timeout": Setting(None, "seconds after which no new trial starts (default: none)",
+                       optional(seconds)),
+    "seed": Setting(0, "seeds the sampler, the validation split and every trial",
+                    whole(0, MAX_SEED)),
+    "device": Setting("auto", "auto | cpu | cuda | cuda:N (auto: CUDA when present)",
+                      device_name),
+    "workers": Setting(1, "trial processes run at once against the same storage",
+                       whole(1, 4096, what="a whole number of processes")),
+    "gpus": Setting(None, "GPUs to place trial processes on, e.g. gpus=[0,1] or gpus=0,1: "
+                          "workers_per_gpu processes each, with CUDA_VISIBLE_DEVICES set",
+                    optional(gpu_list)),
+    "workers_per_gpu": Setting(1, "trial processes per GPU with gpus= (default: 1)",
+                               whole(1, 64, what="a whole number of processes")),
+    "storage": Setting(None, f"Optuna storage URL (default: $SEARCH_STORAGE, else "
+                             f"{DEFAULT_STORAGE})",
+                       optional(text("an Optuna storage URL such as sqlite:///path/to.db"))),
+    "study_name": Setting(None, "name in the storage (default: the study file's name)",
+                          optional(text("a non-empty name"))),
+    "tracking_uri": Setting(None, f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                            f"{DEFAULT_TRACKING_URI}); none = off",
+                            optional(text("an MLflow tracking URI or 'none'"))),
+    "max_params": Setting(None, "size budget: a sampled model with more parameters is never "
+                                "trained and does not count toward n_trials; the sampler learns "
+                                "to avoid it (default: none)",
+                          optional(whole(1, what="a whole number of parameters"))),
+    "warm_start": Setting(None, "other studies in the same storage whose best configurations "
+                                "run first in a new study, e.g. warm_start=cnn3-fast or "
+                                "warm_start=[a,b]", optional(study_names)),
+    "warm_start_top_k": Setting(3, "configurations taken from each warm_start study (default: 3)",
+                                whole(1, 1000, what="a whole number of configurations")),
+    "checkpoint_every": Setting(30, "seconds between checkpoints of a running trial, from which "
+                                "its retry resumes if its process dies (0: every epoch; null: "
+                                "none)", optional(whole(0, what="a whole number of seconds"))),
+    "dry_run": Setting(False, "true: build the smallest and largest model, push one batch, stop",
+                       flag),
+    "sampler": Setting(None, " | ".join(SAMPLERS) + "   (sampler.n_startup_trials=N)"),
+    "pruner": Setting(None, " | ".join(PRUNERS) + "   (pruner.min_resource, pruner."
+                      "reduction_factor, pruner.n_startup_trials, pruner.n_warmup_steps, "
+                      "pruner.patience)"),
+    "space": Setting({}, "the search space: space.NAME.FIELD edits an entry (low, high, log, "
+                         "step, choices); space.NAME=VALUE fixes a parameter"),
+    "baselines": Setting([], "hand-tuned configurations run first in a new study"),
+}
+SHORTHANDS = {"sampler": "sampler.name", "pruner": "pruner.name"}
+# The part of the config that defines what a trial's value means; resuming with other values
+# would mix incomparable trials in one study.
+FINGERPRINT_KEYS = ("model", "dataset", "val_size", "epochs", "seed", "pruner", "space")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    name: str = "tpe"
+    n_startup_trials: int = 10
+
+
+@dataclass(frozen=True)
+class PrunerConfig:
+    name: str = "hyperband"
+    min_resource: int = 1
+    reduction_factor: int = 3
+    n_startup_trials: int = 5
+    n_warmup_steps: int = 2
+    patience: int = 5
+
+
+SECTIONS = {"sampler": (SamplerConfig, one_of(SAMPLERS)), "pruner": (PrunerConfig, one_of(PRUNERS))}
+
+
+def defaults() -> dict[str, Any]:
+    """Every top-level key with its default; sampler and pruner as their dataclasses' fields."""
+    tree = {key: setting.default for key, setting in SETTINGS.items()}
+    for section, (cls, _) in SECTIONS.items():
+        tree[section] = {f.name: f.default for f in fields(cls)}
+    return tree
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A fully resolved, validated study. `raw` keeps the merged tree for printing and hashing."""
+
+    study: str
+    model: str
+    dataset: str
+    data_dir: str
+    val_size: int | None
+    epochs: int
+    n_trials: int
+    timeout: float | None
+    seed: int
+    device: str
+    workers: int
+    gpus: tuple[int, ...] | None
+    workers_per_gpu: int
+    storage: str
+    study_name: str
+    tracking_uri: str
+    max_params: int | None
+    warm_start: tuple[str, ...] | None
+    warm_start_top_k: int
+    checkpoint_every: int | None
+    dry_run: bool
+    sampler: SamplerConfig
+    pruner: PrunerConfig
+    space: tuple[ParamSpec, ...]
+    baselines: tuple[dict[str, Any], ...]
+    skipped_baselines: tuple[str, ...] = ()
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def tracking_enabled(self) -> bool:
+        return self.tracking_uri.lower() != "none"
+
+    def fingerprint_source(self) -> dict[str, Any]:
+        """The values that must not change when a study is resumed."""
+        return {key: self.raw[key] for key in FINGERPRINT_KEYS}
+
+    def fingerprint(self) -> str:
+        text = json.dumps(self.fingerprint_source(), sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- finding study files
+
+def studies_dirs() -> list[Path]:
+    """Where study files are looked up: ./studies first, then the one shipped beside the package."""
+    candidates = [Path.cwd() / "studies", Path(__file__).resolve().parents[2] / "studies"]
+    unique = []
+    for path in candidates:
+        if path.is_dir() and path.resolve() not in [p.resolve() for p in unique]:
+            unique.append(path)
+    return unique
+
+
+def available_studies() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for directory in studies_dirs():
+        for path in sorted(directory.glob("*.yaml"), key=lambda p: p.stem):
+            found.setdefault(path.stem, path)
+    return found
+
+
+def study_file(name: str) -> Path:
+    if name.endswith((".yaml", ".yml")):
+        path = Path(name)
+        if not path.is_file():
+            raise SearchError(f"study={name}: no such file.")
+        return path
+    studies = available_studies()
+    if name not in studies:
+        hint = difflib.get_close_matches(name, studies, n=1)
+        raise SearchError(
+            f"study={name}: unknown study" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+            + f". Available studies: {', '.join(studies) or 'none found'} "
+            f"(YAML files in {', '.join(str(d) for d in studies_dirs()) or './studies'}); "
+            "a path to a .yaml file also works.")
+    return studies[name]
+
+
+# ---------------------------------------------------------------- overrides
+
+def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
+    """Splits `key=value` words; values are YAML as OmegaConf reads them (`[sgd,adam]`, `1e-3`,
+    `true`, `null`)."""
+    overrides = []
+    for arg in args:
+        key, sep, text = arg.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SearchError(f"'{arg}' is not an override: write key=value, e.g. epochs=5 "
+                              "(see --help for the keys).")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", key):
+            raise SearchError(f"'{key}' is not a valid key: use dotted names like space.lr.high.")
+        overrides.append((SHORTHANDS.get(key, key), _parse_value(key, text)))
+    return overrides
+
+
+def _parse_value(key: str, text: str) -> Any:
+    word = f"{key}={text if len(text) <= 60 else text[:57] + '...'}"
+    if "${" in text:  # OmegaConf would resolve it against the config: a value is only a value
+        raise SearchError(f"{word}: interpolations (${{...}}) are not supported in overrides; "
+                          "write the value itself.")
+    try:
+        value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]
+    except (OmegaConfBaseException, yaml.YAMLError, ValueError) as error:
+        # ValueError: a number of more than 4300 digits, which Python refuses to read
+        reason = str(error).splitlines()[0][:200]
+        raise SearchError(f"{word}: malformed value ({reason}). Lists are written [a,b,c], "
+                          "strings need no quotes.") from None
+    if isinstance(value, str) and text.strip().startswith(("[", "{")):
+        raise SearchError(f"{word}: malformed list or mapping.")
+    return value
+
+
+def valid_keys(tree: dict[str, Any]) -> list[str]:
+    """Every dotted key an override may set, for the 'did you mean' hint and --help."""
+    keys = []
+    for key, value in tree.items():
+        keys.append(key)
+        if key in SECTIONS:
+            keys += [f"{key}.{f.name}" for f in fields(SECTIONS[key][0])]
+        elif key == "space":
+            for name, entry in value.items():
+                keys.append(f"space.{name}")
+                if isinstance(entry, dict):
+                    keys += [f"space.{name}.{f}" for f in ("type", "low", "high", "log", "step",
+                                                          "choices", "when", "ranges")]
+                    ranges = entry.get("ranges")
+                    for parent, per_value in (ranges.items() if isinstance(ranges, dict) else ()):
+                        keys += [f"space.{name}.ranges.{parent}"]
+                        if isinstance(per_value, dict):
+                            keys += [f"space.{name}.ranges.{parent}.{v}" for v in per_value]
+    return keys
+
+
+def _check_key(key: str, tree: dict[str, Any]) -> None:
+    keys = valid_keys(tree)
+    parts = key.split(".")
+    if key in keys or (len(parts) in (4, 5) and parts[0] == "space" and parts[2] == "ranges"
+                       and isinstance(tree["space"].get(parts[1]), dict)):
+        return  # a range for a value not listed yet: space.lr.ranges.optimizer.adamw=[...]
+    if parts[0] == "space" and len(parts) >= 2:
+        name = parts[1]
+        model = tree.get("model")
+        if len(parts) == 2 and model in MODELS and name in known_params(model):
+            return  # fixing a known parameter the study does not search: space.decoupled=true
+        if name not in tree["space"]:
+            hint = difflib.get_close_matches(name, list(tree["space"]), n=1)
+            raise SearchError(
+                f"{key}: '{name}' is not a parameter of this study's space"
+                + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                + f". Parameters: {', '.join(tree['space'])}.")
+    hint = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    top = [k for k in keys if "." not in k]
+    raise SearchError(f"unknown key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+                      + f". Valid keys: {', '.join(top)}, plus sampler.*, pruner.*, space.NAME.* "
+                      "(see --help).")
+
+
+def _check_not_replacing_a_section(key: str, value: Any, tree: dict[str, Any]) -> None:
+    """space=0 would silently drop a whole search space: a section is set field by field
+    (space.NAME=value is the exception: it fixes that parameter on purpose)."""
+    parts = key.split(".")
+    if len(parts) == 2 and parts[0] == "space":
+        return
+    current: Any = tree
+    for part in parts:
+        current = current.get(part) if isinstance(current, dict) else None
+    removable = len(parts) > 1 and value is None  # space.lr.ranges=null drops the ranges
+    if isinstance(current, dict) and not isinstance(value, dict) and not removable:
+        fields_ = ", ".join(list(current)[:6])
+        raise SearchError(f"{key}={shown(value)}: '{key}' is a section, not a value; set its "
+                          f"fields instead ({key}.FIELD=..., fields: {fields_}).")
+
+
+# ---------------------------------------------------------------- loading
+
+def resolve_tree(overrides: list[tuple[str, Any]], default_study: str | None = None) -> dict[str, Any]:
+    """Merges defaults, the study file and the overrides into one plain dict (not yet checked)."""
+    given = dict(overrides)
+    name = given.get("study", default_study)
+    if not name:
+        raise SearchError(f"no study given: add study=NAME (available: "
+                          f"{', '.join(available_studies()) or 'none found'}).")
+    path = study_file(str(name))
+    try:
+        from_file = OmegaConf.load(path)
+    except (OmegaConfBaseException, yaml.YAMLError) as error:
+        raise SearchError(f"{path}: not a valid YAML study file ({error}).") from None
+    if not isinstance(OmegaConf.to_container(from_file), dict):
+        raise SearchError(f"{path}: a study file must be a YAML mapping.")
+    unknown = [k for k in from_file if k not in SETTINGS]
+    if unknown:
+        raise SearchError(f"{path}: unknown key '{unknown[0]}'; allowed: {', '.join(SETTINGS)}.")
+    try:
+        tree = OmegaConf.merge(OmegaConf.create(defaults()), from_file)
+        tree.study = path.stem
+        plain = OmegaConf.to_container(tree, resolve=True)
+    except OmegaConfBaseException as error:
+        raise SearchError(f"{path}: cannot be read ({str(error).splitlines()[0]}).") from None
+    for key, value in overrides:
+        if key == "study":
+            continue
+        _check_key(key, plain)
+        _check_not_replacing_a_section(key, value, plain)
+        try:
+            OmegaConf.update(tree, key, value, merge=False)
+            plain = OmegaConf.to_container(tree, resolve=True)
+        except OmegaConfBaseException as error:
+            reason = str(error).splitlines()[0]
+            raise SearchError(f"{key}={shown(value)}: cannot be set ({reason}).") from None
+    return plain
+
+
+def _section(name: str, data: Any) -> Any:
+    """`sampler` or `pruner`: its name among the allowed ones, its other keys whole numbers."""
+    cls, check_name = SECTIONS[name]
+    if not isinstance(data, dict):
+        raise SearchError(f"{name}={shown(data)}: expected a name or a mapping of {name} settings.")
+    allowed = [f.name for f in fields(cls)]
+    for key, value in data.items():
+        if key not in allowed:
+            raise SearchError(f"{name}.{key}: unknown key; allowed: {', '.join(allowed)}.")
+        if key == "name":
+            check_name(name, value)
+        else:
+            whole(0 if key == "n_warmup_steps" else 1)(f"{name}.{key}", value)
+    return cls(**data)
+
+
+def build_config(tree: dict[str, Any]) -> StudyConfig:
+    """Checks every value of a resolved tree; raises SearchError naming the key and what is allowed."""
+    values = {key: setting.check(key, tree[key]) for key, setting in SETTINGS.items()
+              if setting.check is not None}
+    sampler, pruner = _section("sampler", tree["sampler"]), _section("pruner", tree["pruner"])
+    if pruner.name in ("hyperband", "successive_halving") and pruner.reduction_factor < 2:
+        raise SearchError(f"pruner.reduction_factor={pruner.reduction_factor}: must be >= 2.")
+    if pruner.min_resource > values["epochs"]:
+        raise SearchError(f"pruner.min_resource={pruner.min_resource}: must not exceed "
+                          f"epochs={values['epochs']}.")
+    space = parse_space(tree["space"], values["model"])
+    baselines, skipped = _check_baselines(tree["baselines"], space)
+    values["study_name"] = values["study_name"] or tree["study"]
+    # URLs with credentials can stay out of the command line (and shell history).
+    values["storage"] = values["storage"] or os.environ.get("SEARCH_STORAGE") or DEFAULT_STORAGE
+    values["tracking_uri"] = (values["tracking_uri"] or os.environ.get("MLFLOW_TRACKING_URI")
+                              or DEFAULT_TRACKING_URI)
+    if values["gpus"] is not None:
+        slots = len(values["gpus"]) * values["workers_per_gpu"]
+        if values["workers"] not in (1, slots):
+            raise SearchError(f"workers={values['workers']}: with gpus= the number of processes "
+                              f"is len(gpus) x workers_per_gpu = {slots}; leave workers out.")
+        values["workers"] = slots
+    return StudyConfig(study=tree["study"], **values, sampler=sampler, pruner=pruner, space=space,
+                       baselines=baselines, skipped_baselines=skipped, raw=tree)
+
+
+def _check_baselines(raw: Any, space: tuple[ParamSpec, ...]) -> tuple[tuple[dict, ...], tuple[str, ...]]:
+    """Baselines that no longer fit an edited space are skipped with a reason, not an error:
+    narrowing `space.optimizer.choices` should not force the user to also edit the baselines."""
+    if not isinstance(raw, list) or not all(isinstance(b, dict) for b in raw):
+        raise SearchError("baselines: must be a list of parameter mappings.")
+    kept, skipped = [], []
+    for index, baseline in enumerate(raw):
+        reason = check_baseline(index, baseline, space)
+        (skipped.append(reason) if reason else kept.append(dict(baseline)))
+    return tuple(kept), tuple(skipped)
+
+
+def load_config(args: list[str], default_study: str | None = None) -> StudyConfig:
+    """The one entry point: CLI words in, validated config out."""
+    return build_config(resolve_tree(parse_overrides(args), default_study))
+
+
+def shown_tree(config: StudyConfig) -> dict[str, Any]:
+    """The resolved tree as it may be shown and stored: names and URLs resolved, passwords in
+    URLs masked (the study's user attributes, config.yaml and --cfg are readable by others)."""
+    tree = dict(config.raw)
+    tree["study_name"] = config.study_name
+    tree["storage"], tree["tracking_uri"] = masked(config.storage), masked(config.tracking_uri)
+    return tree
+
+
+def to_yaml(config: StudyConfig) -> str:
+    """The resolved config as YAML, for --cfg and as a tracked artifact."""
+    return yaml.safe_dump(shown_tree(config), sort_keys=False)

@@ -1,0 +1,121 @@
+"""`python -m search.report study=NAME[,NAME...] [key=value ...]`: write a study's report."""
+
+from __future__ import annotations
+
+import re
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from search.analysis.compare import write_comparison
+from search.analysis.compose import ReportOptions, write_report
+from search.analysis.final_models import FinalRunHook
+from search.config.command_line import (
+    KEY_HELP,
+    command_overrides,
+    help_text,
+    main_guard,
+)
+from search.config.errors import SearchError
+from search.config.settings import whole
+from search.config.urls import check_writable
+from search.storage.reading import LOCATION_KEYS, open_source
+
+SUMMARY = ("Reads a study from its storage (finished, running or interrupted) and writes "
+           "reports/<study_name>/: report.md, a self-contained report.html, trials.csv and the "
+           "figures as PNG. retrain=topN also retrains the N best configurations and the baseline "
+           "on train + validation and evaluates them once on the test set. Several studies "
+           "(study=cnn3,resnet20) are also compared side by side.")
+KEYS = {
+    "study": "study file(s); several, comma-separated, are compared: study=cnn3,resnet20",
+    "storage": KEY_HELP["storage"],
+    "study_name": "name(s) in the storage, comma-separated like study= (default: the file names)",
+    "top_k": "configurations in the top table (default: 5)",
+    "retrain": "none | topN: retrain the N best (and the baseline) on train+val, test them (default: none)",
+    "seeds": "seeds per configuration in the final evaluation (default: 3)",
+    "out": "folder for the reports (default: reports)",
+    "device": KEY_HELP["device"] + "; for retraining",
+    "data_dir": "where the dataset is (default: as the study ran)",
+    "tracking_uri": "MLflow tracking URI for the final runs; none = off (default: as the study ran)",
+}
+EXAMPLES = [
+    "study=cnn3",
+    "study=cnn3 storage=sqlite:///mlruns/optuna.db top_k=10",
+    "study=cnn3 retrain=top3 seeds=3 device=cuda",
+    "study=cnn3,resnet20 retrain=top1",
+]
+
+
+def parse_options(overrides: dict[str, Any]) -> ReportOptions:
+    retrain = str(overrides.get("retrain", "none")).strip().lower()
+    match = re.fullmatch(r"top(\d+)", retrain)
+    if retrain != "none" and not (match and int(match.group(1)) >= 1):
+        raise SearchError(f"retrain={overrides['retrain']!r}: expected none or topN with N >= 1 "
+                          "(e.g. retrain=top3).")
+    return ReportOptions(top_k=whole(1)("top_k", overrides.get("top_k", 5)),
+                         retrain=int(match.group(1)) if match else 0,
+                         seeds=whole(1, 1000)("seeds", overrides.get("seeds", 3)),
+                         out=Path(str(overrides.get("out", "reports"))))
+
+
+def split_studies(overrides: dict[str, Any]) -> list[dict[str, Any]]:
+    """`study=a,b [study_name=x,y]` -> one set of location overrides per study."""
+    if not overrides.get("study"):
+        raise SearchError("no study given: add study=NAME (several: study=cnn3,resnet20).")
+    studies = [s.strip() for s in str(overrides["study"]).split(",") if s.strip()]
+    names = ([s.strip() for s in str(overrides["study_name"]).split(",")]
+             if overrides.get("study_name") else [None] * len(studies))
+    if len(names) != len(studies):
+        raise SearchError(f"study_name={overrides['study_name']}: give one name per study "
+                          f"({len(studies)}: {', '.join(studies)}).")
+    shared = {k: v for k, v in overrides.items() if k in LOCATION_KEYS and k not in ("study", "study_name")}
+    return [{"study": study, **shared, **({"study_name": name} if name else {})}
+            for study, name in zip(studies, names)]
+
+
+def _writable_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SearchError(f"out={out}: cannot create the report folder ({error.strerror or error});"
+                          " point out= at a folder that can be written.") from None
+    check_writable(out, "out", str(out))
+
+
+def final_run_hook(source) -> FinalRunHook | None:
+    """Final runs go to MLflow (tagged as final evaluations) when the study's tracking is on."""
+    if not source.config.tracking_enabled:
+        return None
+    from search.tracking.mlflow_runs import final_run_logger  # mlflow imports take ~2 s
+
+    return final_run_logger(source.config, source.study)
+
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text("search.report", SUMMARY, KEYS, EXAMPLES, options=()))
+        return 0
+    overrides = command_overrides(argv, "search.report", KEYS)
+    options = parse_options(overrides)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # Open every study and the output folder first, so a typo in the second name or a folder
+    # that cannot be written fails before any work (retraining takes hours) is done.
+    sources = [open_source(locations) for locations in split_studies(overrides)]
+    _writable_out(options.out)
+    reports = []
+    for source in sources:
+        report = write_report(source, options, on_final_run=final_run_hook(source) if options.retrain else None)
+        reports.append(report)
+        print(f"Report of study '{source.study.study_name}': {report.markdown} and {report.html} "
+              f"({len(report.figures)} figures, trials.csv)")
+    if len(reports) > 1:
+        print(f"Comparison: {write_comparison(reports, options.out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_guard(main))

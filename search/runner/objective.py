@@ -1,0 +1,261 @@
+"""The Optuna objective: trial -> parameters from the space -> train -> report/prune -> record.
+
+This is the only place where Optuna meets the trainer. Logging (MLflow, dashboard artifacts)
+plugs in as `TrialObserver`s, so this module imports neither mlflow nor optuna-dashboard.
+"""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import optuna
+import sqlalchemy
+import torch
+
+from search.config.settings import StudyConfig
+from search.config.space import suggest
+from search.storage.checkpoints import Checkpoints
+from search.storage.studies import OVER_BUDGET_ATTR
+from search.training.images import SearchData
+from search.training.loop import TrainingDiverged, train
+from search.training.models import model_size
+from search.training.results import EpochMetrics, best_of, trial_seed
+
+
+class TrialFailed(Exception):
+    """A trial that cannot finish (diverged, out of memory); the study goes on without it."""
+
+
+class TrialObserver(Protocol):
+    """Something that records trials as they run (MLflow, dashboard artifacts, ...)."""
+
+    def trial_started(self, trial: optuna.Trial, params: dict[str, Any]) -> None: ...
+
+    def epoch_ended(self, trial: optuna.Trial, metrics: EpochMetrics) -> None: ...
+
+    def trial_finished(self, trial: optuna.Trial, state: optuna.trial.TrialState,
+                       params: dict[str, Any], attrs: dict[str, Any],
+                       history: list[EpochMetrics]) -> None: ...
+
+
+class StopSignal:
+    """Turns Ctrl-C (SIGINT) and SIGTERM into a clean stop that never leaves a trial RUNNING.
+
+    A signal that lands while a trial trains interrupts it at once (the trial is marked FAIL with
+    its reason). One that lands in Optuna's bookkeeping between trials, where an interruption
+    could leave a freshly asked trial RUNNING, is held until the next safe point: the end of
+    that bookkeeping (`check`, an Optuna callback) or the start of the next trial.
+    """
+
+    REASONS = {signal.SIGINT: "interrupted by the user (Ctrl-C)",
+               signal.SIGTERM: "SIGTERM: the process was asked to stop (kill, a job scheduler)"}
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signum = signal.SIGINT
+        self.reason = self.REASONS[signal.SIGINT]  # what a stopped trial's fail_reason says
+        self._in_trial = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGINT, self._handle)
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if not self.requested:
+            self.signum = signum
+            self.reason = self.REASONS.get(signum, f"stopped by signal {signum}")
+        self.requested = True
+        if self._in_trial:
+            raise KeyboardInterrupt
+
+    def enter_trial(self) -> None:
+        self._in_trial = True
+        self.check()
+
+    def leave_trial(self) -> None:
+        self._in_trial = False
+
+    def check(self, *_: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    @property
+    def exit_status(self) -> int:
+        """What a shell expects of a process that stopped on this signal (130, 143)."""
+        return 128 + int(self.signum)
+
+
+# The storage itself failing (disk full, database server gone) is no fault of the trial: the
+# run stops, and the trial is recovered when the same command runs again.
+STORAGE_ERRORS = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError,
+                  sqlite3.Error)
+
+
+def storage_cause(error: BaseException) -> BaseException | None:
+    """The storage failure behind an error, if there is one. Optuna turns a storage that fails
+    while it records a failed trial into `AssertionError("Should not reach.")`, with the
+    storage's error as its context, so the chain is followed."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, STORAGE_ERRORS):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+class Objective:
+    """Callable passed to `study.optimize`; returns the final epoch's validation accuracy.
+
+    The final epoch (not the best one) is the value, because the report retrains for the full
+    budget without a validation set to pick an epoch; the best epoch is still recorded.
+    """
+
+    def __init__(self, config: StudyConfig, data: SearchData, device: torch.device,
+                 observers: Sequence[TrialObserver] = (), stop: StopSignal | None = None,
+                 checkpoints: Checkpoints | None = None) -> None:
+        self.stop = stop
+        self.checkpoints = checkpoints
+        self.config = config
+        self.data = data
+        self.device = device
+        self.observers = list(observers)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        history: list[EpochMetrics] = []
+        state = optuna.trial.TrialState.FAIL
+        params: dict[str, Any] = {}
+        attrs: dict[str, Any] = {}
+        observing: list[TrialObserver] = []
+        started = time.perf_counter()
+
+        def on_epoch(metrics: EpochMetrics) -> bool:
+            history.append(metrics)
+            trial.report(metrics.val_accuracy, metrics.epoch)
+            for observer in self.observers:
+                observer.epoch_ended(trial, metrics)
+            return trial.should_prune()
+
+        try:
+            # Inside the try, so that a Ctrl-C while sampling still records why the trial failed.
+            if self.stop is not None:
+                self.stop.enter_trial()
+            params = suggest(trial, self.config.space)
+            fixed = {k: v for k, v in params.items() if k not in trial.params}
+            if fixed:
+                trial.set_user_attr("fixed_params", fixed)
+            for observer in self.observers:
+                observer.trial_started(trial, params)
+                observing.append(observer)
+            budget = self.config.max_params
+            if budget:
+                size = model_size(self.config.model, params, self.data.spec)
+                # TPE and GP learn where models are too large: > 0 is infeasible.
+                trial.set_constraint("max_params", size - budget)
+                if size > budget:
+                    # Never trained, and not counted toward n_trials (see search.storage.studies.counts).
+                    attrs = {OVER_BUDGET_ATTR: size, "parameter_count": size, "epochs_run": 0}
+                    state = optuna.trial.TrialState.PRUNED
+                    _record(trial, attrs)
+                    raise optuna.TrialPruned(f"{size:,} parameters, over max_params")
+            # A retry of a dead trial keeps its seed, and goes on from its last checkpoint.
+            seed = trial.user_attrs.get("seed", trial_seed(self.config.seed, trial.number))
+            trial.set_user_attr("seed", seed)
+            resume = self.checkpoints.resume_state(trial) if self.checkpoints else None
+            for metrics in map(lambda m: EpochMetrics(**m), resume["history"] if resume else ()):
+                history.append(metrics)  # the epochs trained before, reported again
+                trial.report(metrics.val_accuracy, metrics.epoch)
+                for observer in self.observers:
+                    observer.epoch_ended(trial, metrics)
+            result = train(self.config.model, params, train_data=self.data.train,
+                           val_data=self.data.val, spec=self.data.spec, epochs=self.config.epochs,
+                           seed=seed, device=self.device, on_epoch=on_epoch, resume_from=resume,
+                           checkpoint=self.checkpoints.saver(trial) if self.checkpoints else None)
+            attrs = _summary(history, result.parameter_count, time.perf_counter() - started)
+            if resume:
+                attrs["resumed_from_epoch"] = resume["epoch"]
+            if result.stopped_early:
+                attrs["pruned_at_epoch"] = history[-1].epoch
+                state = optuna.trial.TrialState.PRUNED
+                _record(trial, attrs)
+                raise optuna.TrialPruned(f"pruned after epoch {history[-1].epoch}")
+            state = optuna.trial.TrialState.COMPLETE
+            _record(trial, attrs)
+            return history[-1].val_accuracy
+        except optuna.TrialPruned:
+            raise
+        except STORAGE_ERRORS:
+            state = optuna.trial.TrialState.RUNNING  # as it stays: its retry needs the checkpoint
+            raise
+        except KeyboardInterrupt:
+            if self.stop is not None:
+                self.stop.leave_trial()  # a second Ctrl-C must not cut recording the first
+            attrs = self._fail(trial, history, self.stop.reason if self.stop else
+                               StopSignal.REASONS[signal.SIGINT], started)
+            raise
+        except Exception as error:  # noqa: BLE001 - one bad sample must never end the study
+            reason = _failure(error, self.device)
+            attrs = self._fail(trial, history, reason, started)
+            raise TrialFailed(reason) from None
+        finally:
+            if self.stop is not None:
+                self.stop.leave_trial()
+            for observer in observing:
+                observer.trial_finished(trial, state, params, attrs, history)
+            if self.checkpoints is not None and state != optuna.trial.TrialState.RUNNING:
+                self.checkpoints.discard(trial)
+
+    def _fail(self, trial: optuna.Trial, history: list[EpochMetrics], reason: str,
+              started: float) -> dict[str, Any]:
+        attrs = _summary(history, None, time.perf_counter() - started)
+        attrs["fail_reason"] = reason
+        _record(trial, attrs)
+        return attrs
+
+
+def _failure(error: Exception, device: torch.device) -> str:
+    """The fail_reason of a trial that raised `error`; expected failures (divergence, running out
+    of memory) in a few words, anything else (a sampled combination that cannot be built, a bug)
+    with its type, and a warning so that a person notices."""
+    if isinstance(error, TrainingDiverged):
+        return f"diverged: {error}"
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if is_out_of_memory(error):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return f"out of memory: {first_line}"
+    print(f"warning: a trial failed with {type(error).__name__}: {first_line}; the study goes "
+          "on without it.", file=sys.stderr, flush=True)
+    return f"{type(error).__name__}: {first_line}"[:2000]
+
+
+def _summary(history: list[EpochMetrics], parameter_count: int | None, seconds: float) -> dict[str, Any]:
+    """The per-trial facts the report and the dashboard show next to the value."""
+    attrs: dict[str, Any] = {"epochs_run": len(history), "train_seconds": round(seconds, 3)}
+    if parameter_count is not None:
+        attrs["parameter_count"] = parameter_count
+    best = best_of(history)
+    if best is not None:
+        attrs["best_epoch"] = best.epoch
+        attrs["best_val_accuracy"] = best.val_accuracy
+    if history:
+        attrs["seconds_per_epoch"] = sum(m.epoch_seconds for m in history) / len(history)
+        attrs["images_per_second"] = sum(m.images_per_second for m in history) / len(history)
+        # Every epoch's metrics, so that MLflow runs can be rebuilt from the study (`search.sync`).
+        attrs["epochs"] = [{"epoch": m.epoch, **m.as_dict()} for m in history]
+    return attrs
+
+
+def _record(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)

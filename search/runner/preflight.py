@@ -1,0 +1,79 @@
+"""Everything a run checks before it writes anything: the device and the number of trial
+processes, the data, the storage (reachable, writable, an existing study's config unchanged,
+warm-start studies present), a size budget that the space can meet, and the tracking store.
+A command refused here leaves no storage file, study or MLflow experiment behind."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from search.config.errors import SearchError
+from search.config.params import format_params
+from search.config.settings import StudyConfig
+from search.storage.studies import check_resume, check_storage, check_warm_start
+from search.training.dry_run import extreme_params
+from search.training.images import SearchData, load_search_data
+from search.training.loop import resolve_device
+from search.training.models import model_size
+
+
+def prepare(config: StudyConfig) -> tuple[torch.device, SearchData]:
+    """Everything that can be checked before anything is written: the device, the data, the
+    storage (reachable, writable, and a stored study's config unchanged) and the tracking store.
+    A command refused here leaves no storage file, study or MLflow experiment behind."""
+    if config.gpus is not None and not torch.cuda.is_available():
+        raise SearchError(f"gpus={','.join(map(str, config.gpus))}: CUDA is not available on this "
+                          "machine; leave gpus out (on a CPU, workers=N splits the cores).")
+    device = resolve_device(config.device if config.gpus is None else f"cuda:{config.gpus[0]}")
+    check_workers(config, device)
+    data = load_search_data(config.dataset, config.data_dir, val_size=config.val_size,
+                            seed=config.seed)
+    check_storage(config.storage)
+    check_resume(config)
+    check_warm_start(config)
+    if config.max_params is not None:
+        smallest = extreme_params(config.space, largest=False)
+        size = model_size(config.model, smallest, data.spec)
+        if size > config.max_params:
+            raise SearchError(
+                f"max_params={config.max_params:,}: the smallest model of this space has "
+                f"{size:,} parameters ({format_params(smallest, limit=99)}); raise max_params "
+                "or allow smaller models in the space.")
+    if config.tracking_enabled:
+        from search.tracking.mlflow_runs import (
+            check_tracking,  # mlflow imports take ~2 s
+        )
+
+        check_tracking(config.tracking_uri, config.study_name)
+    return device, data
+
+
+PROCESSES_PER_CORE = 4   # beyond this, trial processes only take turns on the CPU
+PROCESSES_PER_GPU = 8    # small models: a few processes fill a GPU's idle gaps, more only queue
+
+
+def check_workers(config: StudyConfig, device: torch.device) -> None:
+    """Refuses a number of trial processes that cannot help (a typo such as workers=100000
+    would start that many PyTorch processes), before any is started."""
+    cores = os.cpu_count() or 1
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    missing = [g for g in config.gpus or () if g >= gpus]
+    if missing:
+        raise SearchError(f"gpus={list(config.gpus)}: this machine has {gpus} GPU(s) "
+                          f"(ids 0..{gpus - 1}); there is no GPU {missing[0]}.")
+    limit = max(PROCESSES_PER_CORE * cores, PROCESSES_PER_GPU * gpus)
+    if config.workers > config.n_trials:
+        raise SearchError(f"workers={config.workers}: more trial processes than trials "
+                          f"(n_trials={config.n_trials}); use at most workers={config.n_trials}.")
+    if config.workers > limit:
+        raise SearchError(
+            f"workers={config.workers}: this machine has {cores} CPU core(s)"
+            + (f" and {gpus} GPU(s)" if gpus else "") + f", which can hold at most {limit} trial "
+            f"processes; more would only take turns. Use workers={min(limit, config.n_trials)} "
+            "or fewer.")
+    if device.type == "cpu" and config.workers > cores:
+        print(f"note: workers={config.workers} on {cores} CPU core(s): the processes share the "
+              "cores; on a CPU, workers=1 is usually as fast.", file=sys.stderr)

@@ -1,0 +1,181 @@
+"""One process's part in a study run, the same for `search.run` and for every worker process:
+open the study (after `search.runner.preflight` has checked what can be checked), run trials until
+the study has its `n_trials`, and close what the process opened.
+
+The process that opened the study (`search.run`, workers=1 or the main process of workers=N)
+is the only one that ends it (`Session.end`: the MLflow parent run, the summary); a worker only
+closes its own observers.
+
+How the trial budget is kept: `n_trials` is the number of finished (complete + pruned) trials the
+study should have. A trial is *reserved* before Optuna starts it: under a lock shared by the
+study's processes, the finished + running trials (+ trials failed during this run, which use up
+the run's budget, so a study whose every trial fails still ends) are counted, and only if there
+is room is a trial asked for; the lock is released once that trial is RUNNING in the storage. So
+the processes start exactly the trials that are missing, and a rerun after Ctrl-C or failures
+fills up the rest. Optuna's `MaxTrialsCallback` alone would overshoot by up to N-1 trials.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from search.config.settings import StudyConfig
+from search.config.urls import DatabaseLock, masked
+from search.runner.objective import Objective, StopSignal, TrialFailed
+from search.runner.preflight import prepare
+from search.storage.checkpoints import Checkpoints
+from search.storage.recovery import OWNER_ATTR, recover_dead_trials, this_process
+from search.storage.studies import (
+    FINISHED,
+    OVER_BUDGET_ATTR,
+    count_finished,
+    counts,
+    open_study,
+)
+from search.tracking.dashboard_artifacts import DashboardArtifacts, artifact_store
+from search.training.images import SearchData
+
+
+def _share_cpu(workers: int, device: torch.device) -> None:
+    """On a CPU, each of N processes gets its share of the cores instead of all competing."""
+    if device.type == "cpu" and workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+@dataclasses.dataclass
+class Session:
+    """A study opened by this process, with the observers that record its trials."""
+
+    config: StudyConfig
+    device: torch.device
+    data: SearchData
+    study: optuna.Study
+    observers: list
+    study_run: object | None          # search.tracking.mlflow_runs.StudyRun when MLflow logging is on
+    created: bool                     # this process created the study
+    sampler_seed: int
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+    @classmethod
+    def open(cls, config: StudyConfig, device: torch.device, data: SearchData) -> Session:
+        """Opens (creating or joining) the study, then its MLflow experiment; `prepare` has
+        checked everything that can be checked first."""
+        study, created, seed = open_study(config)  # baselines are enqueued here, once
+        if created:
+            for reason in config.skipped_baselines:
+                print(f"note: {reason}; that baseline is skipped.")
+        study_run, observers = make_observers(config)
+        _share_cpu(config.workers, device)
+        return cls(config, device, data, study, observers, study_run, created, seed)
+
+    @classmethod
+    def join(cls, config: StudyConfig) -> Session:
+        """A worker's view of the study its main process opened."""
+        return cls.open(config, *prepare(config))
+
+    def describe(self) -> str:
+        config, data = self.config, self.data
+        workers = f", {config.workers} worker processes" if config.workers > 1 else ""
+        return (f"{'Created' if self.created else 'Resuming'} study '{config.study_name}' in "
+                f"{masked(config.storage)}: {config.model} on {config.dataset} ({len(data.train)} train / "
+                f"{len(data.val)} val images), {config.epochs} epochs max, "
+                f"{count_finished(self.study)}/{config.n_trials} trials finished, device "
+                f"{self.device}{workers}.")
+
+    def run_trials(self, stop: StopSignal, callbacks: list[Callable], *, since: datetime,
+                   parent_pid: int | None = None) -> None:
+        """Runs this process's share of the trials (see `run_reserved`)."""
+        checkpoints = (None if self.config.checkpoint_every is None else
+                       Checkpoints(artifact_store(self.config.storage), self.config.checkpoint_every))
+        objective = Objective(self.config, self.data, self.device, self.observers, stop,
+                              checkpoints)
+        run_reserved(self.study, objective, self.config, stop=stop, callbacks=callbacks,
+                     since=since, parent_pid=parent_pid, sampler_seed=self.sampler_seed)
+
+    def close(self) -> None:
+        """Closes what this process opened (curves still being drawn, the logging cost line)."""
+        for observer in self.observers:
+            observer.close()
+
+    def end(self, interrupted: bool) -> None:
+        """Ends the study's run: closes this process's observers, then the MLflow parent run.
+        Only the process that opened the study calls it."""
+        self.close()
+        if self.study_run is not None:
+            self.study_run.end(self.study, interrupted)
+
+
+def make_observers(config: StudyConfig) -> tuple[object | None, list]:
+    """The trial observers of the optional integrations (MLflow, dashboard artifacts)."""
+    observers: list = [DashboardArtifacts(config)]
+    if not config.tracking_enabled:
+        return None, observers
+    from search.tracking.mlflow_runs import (  # mlflow imports take ~2 s
+        StudyRun,
+        TrialLogger,
+    )
+
+    study_run = StudyRun(config)
+    return study_run, [TrialLogger(study_run), *observers]
+
+
+# ---------------------------------------------------------------- reserving trials
+
+def run_reserved(study: optuna.Study, objective: Callable[[optuna.Trial], float],
+                 config: StudyConfig, *, stop: StopSignal, callbacks: list[Callable],
+                 since: datetime, parent_pid: int | None = None,
+                 sampler_seed: int | None = None) -> None:
+    """Runs trials one at a time, each reserved under the study's lock, until the study has
+    its `n_trials` (or this run's budget is used up, `timeout` passes, or the parent process
+    that started this worker is gone).
+
+    The lock is the storage's (`DatabaseLock`: an advisory lock on PostgreSQL, a file lock beside
+    a SQLite file), so processes on any number of machines share it.
+    """
+    deadline = time.monotonic() + config.timeout if config.timeout else None
+    owner = this_process()
+    while deadline is None or time.monotonic() < deadline:
+        stop.check()
+        if parent_pid is not None and os.getppid() != parent_pid:
+            return
+        with DatabaseLock(config.storage, f"trials:{config.study_name}") as reservation:
+            if not _room_for_one_more(study, config.n_trials, since):
+                return
+
+            def reserved(trial: optuna.Trial) -> float:
+                trial.set_user_attr(OWNER_ATTR, owner)  # who to ask whether it still runs
+                reservation.release()  # the trial is RUNNING now: others may count it
+                if sampler_seed is not None:
+                    trial.set_user_attr("sampler_seed", sampler_seed)
+                return objective(trial)
+
+            study.optimize(reserved, n_trials=1, catch=(TrialFailed,),
+                           callbacks=[*callbacks, stop.check])
+
+
+# Models over max_params are cheap to skip, but a run stops proposing them after this many per
+# trial wanted: a budget that almost nothing in the space fits must end, not spin.
+OVER_BUDGET_PER_TRIAL = 10
+
+
+def _room_for_one_more(study: optuna.Study, n_trials: int, since: datetime) -> bool:
+    """Whether starting a trial now keeps the study within `n_trials` and this run's budget."""
+    recover_dead_trials(study)  # trials of processes that died run again
+    trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING, TrialState.FAIL))
+    recent = [t for t in trials if t.datetime_start is not None and t.datetime_start >= since]
+    if sum(OVER_BUDGET_ATTR in t.user_attrs for t in recent) >= OVER_BUDGET_PER_TRIAL * n_trials:
+        print(f"warning: {OVER_BUDGET_PER_TRIAL * n_trials} sampled models were over max_params "
+              "in this run; stopping. Raise max_params or narrow the space.", file=sys.stderr)
+        return False
+    taken = sum(counts(t) or t.state == TrialState.RUNNING
+                or (t.state == TrialState.FAIL and t in recent) for t in trials)
+    return taken < n_trials

@@ -1,0 +1,88 @@
+"""Trials whose process died (kill -9, a lost machine, a full disk): failed, and run again.
+
+Each running trial records its owner: host, pid and the process's start time (so a pid reused by
+another process does not count as alive). A process starting on the same host fails at once
+every RUNNING trial whose owner is gone; a trial of another host is failed by Optuna's heartbeat
+once it is `GRACE_SECONDS` stale (`search.storage.studies.make_storage` wires both to `retry`). Either way
+the failed trial is queued again with the same parameters, recording which trial it repeats, so
+the study still ends with exactly `n_trials` finished trials and every configuration it meant to
+try.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
+
+OWNER_ATTR = "owner"          # {"host", "pid", "started"} of the process running the trial
+RETRY_OF_ATTR = "retry_of"    # the number of the trial a retry repeats
+KEPT_ATTRS = ("baseline", "seed")  # what a retry inherits from the trial it repeats
+
+
+def _start_time(pid: int) -> int | None:
+    """When a process started (clock ticks since boot, from /proc); None off Linux."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22 of proc(5), after the name
+
+
+def this_process() -> dict[str, Any]:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "started": _start_time(pid)}
+
+
+def is_alive(owner: dict[str, Any]) -> bool:
+    """Whether the process an owner record names still runs (and is the same process)."""
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        pass
+    started = _start_time(pid)
+    return started is None or owner.get("started") is None or started == owner["started"]
+
+
+def retry(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queues a failed trial again with its parameters (Optuna's heartbeat callback too)."""
+    attrs = {k: trial.user_attrs[k] for k in KEPT_ATTRS if k in trial.user_attrs}
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        user_attrs={**attrs, RETRY_OF_ATTR: trial.number}))
+
+
+def recover_dead_trials(study: optuna.Study) -> list[int]:
+    """Fails and retries the RUNNING trials of this host whose process is gone, and those of
+    any host whose heartbeat is stale. Returns the numbers of the trials this call failed."""
+    with contextlib.suppress(Exception):  # best effort: the heartbeat's own recovery
+        optuna.storages.fail_stale_trials(study)
+    storage, host = study._storage, socket.gethostname()  # Optuna has no public accessor
+    study_id = storage.get_study_id_from_name(study.study_name)
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = trial.user_attrs.get(OWNER_ATTR)
+        if not isinstance(owner, dict) or owner.get("host") != host or is_alive(owner):
+            continue
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+        reason = f"its process (pid {owner.get('pid')} on {host}) died while it ran"
+        try:
+            storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+            if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                continue
+        except UpdateFinishedTrialError:  # another process recovered it first
+            continue
+        retry(study, storage.get_trial(trial_id))
+        failed.append(trial.number)
+    return failed

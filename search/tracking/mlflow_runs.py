@@ -1,0 +1,640 @@
+"""MLflow tracking: every trial of a study as an MLflow run, nested under one run per study.
+
+The layout a user finds in the MLflow UI:
+
+- one experiment per study, named after `study_name`;
+- one parent run per study (`study-cnn3`, tag `search.role=study`) holding the resolved config
+  (`config.yaml`) and the best value/params so far; resuming the study finds it again through the
+  study's user attribute `mlflow_parent_run_id`, so it is never duplicated;
+- one child run per trial (`trial-0007`, tag `mlflow.parentRunId`) with every parameter (sampled
+  and fixed), per-epoch metrics at `step=epoch`, final metrics, tags and a status that mirrors the
+  Optuna state (FINISHED / KILLED / FAILED for complete / pruned / failed).
+
+Either side leads to the other: the Optuna trial stores the run id (user attribute
+`mlflow_run_id`), the run stores the trial number (tag `trial_number`).
+
+Everything goes through `MlflowClient` with explicit run ids and batched writes, never through the
+fluent `mlflow.start_run` stack: that stack is per-process global state, wrong as soon as trials
+run in several threads or worker processes at once. This is the only module that imports mlflow.
+
+Example (what `search.runner.process` does)::
+
+    check_tracking(config.tracking_uri)          # SearchError before any trial if unreachable
+    study_run = StudyRun(config)                 # finds or creates the experiment
+    logger = TrialLogger(study_run)              # one run per trial of this process
+    objective = Objective(config, data, device, observers=[logger])
+    study.optimize(objective, ...)
+    logger.close()                               # prints the logging cost
+    study_run.end(study, interrupted=False)      # only the process that ends the study
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import optuna
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from optuna.trial import FrozenTrial, TrialState
+
+from search.config.errors import SearchError
+from search.config.settings import DEFAULT_TRACKING_URI, StudyConfig, to_yaml
+from search.config.space import trial_params as space_params
+from search.config.urls import (
+    DatabaseLock,
+    check_driver,
+    check_writable,
+    masked,
+    sqlite_path,
+    write_ahead_log,
+)
+from search.storage.recovery import RETRY_OF_ATTR
+from search.training.loop import resolve_device
+from search.training.results import EpochMetrics, FinalRun
+
+# MLflow 3's UI opens an experiment without this tag on its GenAI overview, not on its runs.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+ROLE_TAG = "search.role"                  # "study" on the parent run, "trial" on child runs
+PARENT_TAG = "mlflow.parentRunId"         # what makes the MLflow UI nest a run under another
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+PARENT_RUN_ATTR = "mlflow_parent_run_id"  # Optuna study user attribute -> the parent run
+RUN_ID_ATTR = "mlflow_run_id"             # Optuna trial user attribute -> the trial's run
+RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED",
+              TrialState.FAIL: "FAILED"}
+# Per-trial facts (from the objective's user attributes) logged once, as final metrics. Their
+# names differ from the per-epoch ones so a metric's history stays one value per epoch.
+FINAL_METRICS = {"best_val_accuracy": "best_val_accuracy", "best_epoch": "best_epoch",
+                 "epochs_run": "epochs_run", "parameter_count": "parameter_count",
+                 "train_seconds": "train_seconds", "seconds_per_epoch": "mean_epoch_seconds",
+                 "images_per_second": "mean_images_per_second"}
+# A parent run created this long before the study's first trial belongs to an older study of the
+# same name (e.g. one whose Optuna storage was deleted); allows for clocks of several machines.
+CLOCK_SLACK_MS = 60_000
+# Settings for calls to a tracking server during a study (a user's own values win): MLflow's
+# default retries last minutes, which would stall every trial once the server is gone; and the
+# "View run at" line it prints for every finished run costs a request and floods the trial lines.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "15", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+# After a failed call, logging pauses this long (then the next, ...) before it tries again; what
+# is not logged meanwhile is backfilled from the Optuna storage (`StudyRun.backfill`).
+BACKOFF_SECONDS = (5, 15, 60, 300)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# ---------------------------------------------------------------- checking the tracking URI
+
+def is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _tracking_file(uri: str) -> Path | None:
+    """The database file of a SQLite tracking URI (None for a server or another database)."""
+    return sqlite_path(uri, "tracking_uri")
+
+
+def _reason(error: BaseException) -> str:
+    """The part of an MLflow/requests error a person needs, on one line."""
+    text = " ".join(str(error).split())
+    for marker in ("Connection refused", "Name or service not known", "timed out",
+                   "No route to host", "Temporary failure in name resolution"):
+        if marker.lower() in text.lower():
+            return marker.lower()
+    return (text[:300] + "...") if len(text) > 300 else (text or type(error).__name__)
+
+
+def check_tracking(uri: str, experiment: str | None = None) -> None:
+    """Fails with a `SearchError` when the MLflow tracking store at `uri` cannot be used.
+
+    Called before the study is opened, so an unreachable server stops the run before any trial;
+    it writes nothing (a new SQLite store is created on first use, after the study). The default
+    SQLite store's folder is created.
+
+    Raises:
+        SearchError: the URI is a plain directory (MLflow 3's file store is not supported), its
+            folder does not exist or cannot be written, the server does not answer, or the
+            study's experiment (`experiment`) is deleted there.
+    """
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # not "Creating initial tables..."
+    off = " Add tracking_uri=none to run the study without MLflow logging."
+    scheme = urlparse(uri).scheme
+    if scheme in ("", "file") or re.fullmatch(r"[A-Za-z]", scheme):  # a path (C:\ on Windows)
+        raise SearchError(
+            f"tracking_uri={masked(uri)}: a directory is MLflow's old file store, which MLflow 3 no longer "
+            f"supports. Use a database such as {DEFAULT_TRACKING_URI} (the default) or the http:// "
+            "URL of an `mlflow server`." + off)
+    check_driver(uri, "tracking_uri")
+    database = _tracking_file(uri)
+    if database is not None:
+        folder = database.resolve().parent
+        try:
+            if uri == DEFAULT_TRACKING_URI:
+                folder.mkdir(parents=True, exist_ok=True)
+            elif not folder.is_dir():
+                raise SearchError(f"tracking_uri={masked(uri)}: the folder {folder} does not exist.")
+            check_writable(folder, "tracking_uri", uri, database)
+        except (SearchError, OSError) as error:
+            raise SearchError(f"{error}{off}") from None
+        if not database.exists():
+            return
+    try:
+        # One quick try: no retries, a short timeout (read when the request is made).
+        # A database store's first use creates its tables: under the lock that StudyRun takes.
+        with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10"), \
+                DatabaseLock(uri, "mlflow-schema") if not is_http(uri) else contextlib.nullcontext():
+            client = MlflowClient(uri)
+            found = (client.get_experiment_by_name(experiment) if experiment
+                     else client.search_experiments(max_results=1) and None)
+    except Exception as error:  # noqa: BLE001 - any failure here means "cannot log there"
+        hint = (" Start it (e.g. `mlflow server --backend-store-uri sqlite:///mlflow.db "
+                "--host 127.0.0.1 --port 5000`) or fix the URL." if is_http(uri) else "")
+        raise SearchError(f"tracking_uri={masked(uri)}: cannot reach the MLflow tracking store "
+                          f"({masked(_reason(error))}).{hint}{off}") from None
+    if found is not None:
+        _refuse_deleted(found, uri)
+
+
+def _refuse_deleted(experiment: Any, uri: str) -> None:
+    """A deleted experiment keeps its name: MLflow would refuse every run logged to it."""
+    if experiment.lifecycle_stage != "active":
+        raise SearchError(
+            f"study_name={experiment.name}: the MLflow experiment '{experiment.name}' in "
+            f"{masked(uri)} is deleted. Restore it (mlflow experiments restore --experiment-id "
+            f"{experiment.experiment_id}), purge it (mlflow gc), use another study_name, or add "
+            "tracking_uri=none.")
+
+
+# ---------------------------------------------------------------- facts about this process
+
+def git_commit() -> str | None:
+    """The project's commit when it runs from a git checkout (not from an installed copy)."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip() if done.returncode == 0 else ""
+    return commit or None
+
+
+def artifact_location(uri: str, experiment_name: str) -> str | None:
+    """Where a new experiment keeps its artifacts: next to a SQLite store's file (so the default
+    store keeps everything under `mlruns/`); the server decides for an http:// URI."""
+    database = _tracking_file(uri)
+    if database is None:
+        return None
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment_name) or "study"
+    return str(database.resolve().parent / "artifacts" / safe)
+
+
+def _param_value(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+# ---------------------------------------------------------------- the study's run
+
+class StudyRun:
+    """The study's MLflow experiment and its parent run, as one process sees them.
+
+    Every process of a study (the main one, each worker) has one, to nest its trial runs under
+    the parent; only the process that ends the study calls `end`, which closes the parent run.
+
+    Logging must never cost a study its trials: once the tracking URI was checked, a failing call
+    (here or in a `TrialLogger` sharing this object) prints one warning and turns logging off for
+    the rest of the process. Time spent logging is added up in `seconds`.
+
+    Args:
+        config: the study's config; `tracking_uri` must be enabled and reachable
+            (`check_tracking`).
+        client: an `MlflowClient` to use instead of one built from `config.tracking_uri`.
+
+    Raises:
+        SearchError: the study's experiment exists in the tracking store but is deleted, or the
+            store refuses to open it.
+    """
+
+    def __init__(self, config: StudyConfig, client: MlflowClient | None = None) -> None:
+        if not config.tracking_enabled:
+            raise ValueError(f"tracking_uri={config.tracking_uri!r}: tracking is off.")
+        if is_http(config.tracking_uri):
+            for key, value in HTTP_DEFAULTS.items():
+                os.environ.setdefault(key, value)
+        started = time.perf_counter()
+        self.config = config
+        self.seconds = 0.0
+        self._failures, self._paused_until = 0, 0.0
+        database = _tracking_file(config.tracking_uri)
+        try:
+            # Opening a new store creates its tables: one process at a time, or two processes
+            # starting at once both run MLflow's migrations and one fails.
+            with DatabaseLock(config.tracking_uri, "mlflow-schema"):
+                if database is not None:  # each run's and metric's commit then skips disk syncs
+                    with contextlib.closing(sqlite3.connect(database)) as connection:
+                        write_ahead_log(connection)
+                self.client = client or MlflowClient(config.tracking_uri)
+                self.experiment_id = self._experiment_id()
+        except Exception as error:  # noqa: BLE001 - a server that refuses us, a broken file
+            raise SearchError(f"tracking_uri={masked(config.tracking_uri)}: cannot open the "
+                              f"experiment '{config.study_name}' ({masked(_reason(error))}). Add "
+                              "tracking_uri=none to run without MLflow logging.") from None
+        self.parent_run_id: str | None = None
+        self.commit = git_commit()
+        self.setup_seconds = time.perf_counter() - started
+        self._lock = threading.Lock()
+
+    def available(self) -> bool:
+        """False while logging pauses after a failure (see `BACKOFF_SECONDS`)."""
+        return time.monotonic() >= self._paused_until
+
+    @contextlib.contextmanager
+    def guard(self, what: str) -> Iterator[None]:
+        """Times a logging step and keeps a failing tracking store from failing the study: a
+        failure pauses logging, with growing pauses, and the study goes on."""
+        started = time.perf_counter()
+        try:
+            yield
+        except Exception as error:  # noqa: BLE001 - any logging failure: warn, pause, go on
+            pause = BACKOFF_SECONDS[min(self._failures, len(BACKOFF_SECONDS) - 1)]
+            self._failures += 1
+            self._paused_until = time.monotonic() + pause
+            print(f"warning: MLflow logging failed while {what} ({masked(_reason(error))}); "
+                  f"trying again in {pause} s. The study goes on; what is not logged meanwhile "
+                  "is backfilled from the study at its end (or by python -m search.sync).",
+                  file=sys.stderr, flush=True)
+        else:
+            self._failures = 0
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def _experiment_id(self) -> str:
+        name = self.config.study_name
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is None:
+            try:
+                return self.client.create_experiment(
+                    name, artifact_location=artifact_location(self.config.tracking_uri, name),
+                    tags={"study_name": name, "model": self.config.model,
+                          "dataset": self.config.dataset, **EXPERIMENT_KIND})
+            except MlflowException as error:
+                if error.error_code != "RESOURCE_ALREADY_EXISTS":  # another worker won the race
+                    raise
+                experiment = self.client.get_experiment_by_name(name)
+        _refuse_deleted(experiment, self.config.tracking_uri)
+        if any(experiment.tags.get(k) != v for k, v in EXPERIMENT_KIND.items()):
+            for key, value in EXPERIMENT_KIND.items():  # an experiment made before the tag
+                self.client.set_experiment_tag(experiment.experiment_id, key, value)
+        return experiment.experiment_id
+
+    def parent_for(self, study: optuna.Study, running: bool = True) -> str:
+        """The study's parent run: linked from the study, else found by tags, else created;
+        marked RUNNING (with the config as config.yaml) when this process runs trials.
+
+        Two workers starting a new study at once may both create one; each then keeps the
+        oldest and deletes its own if it lost, so they agree on a single parent.
+        """
+        with self._lock:
+            if self.parent_run_id is None:
+                self.parent_run_id = self._find_parent(study) or self._create_parent(study)
+                if running:
+                    self.client.update_run(self.parent_run_id, status="RUNNING")
+                    self.client.log_text(self.parent_run_id, to_yaml(self.config), "config.yaml")
+            return self.parent_run_id
+
+    def _active_run(self, run_id: str | None):
+        if not run_id:
+            return None
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return None
+        ok = run.info.lifecycle_stage == "active" and run.info.experiment_id == self.experiment_id
+        return run if ok else None
+
+    def _parent_candidates(self, study: optuna.Study) -> list:
+        """Parent runs of this study by tags, oldest first (ties broken by run id)."""
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'study'", max_results=1000)
+        first_start = min((t.datetime_start for t in study.get_trials(deepcopy=False)
+                           if t.datetime_start is not None), default=None)
+        earliest = (first_start.timestamp() * 1000 - CLOCK_SLACK_MS) if first_start else 0
+        mine = [r for r in runs
+                if r.data.tags.get("study_name") == study.study_name
+                and r.data.tags.get("optuna_storage") == masked(self.config.storage)
+                and r.info.start_time >= earliest]
+        return sorted(mine, key=lambda r: (r.info.start_time, r.info.run_id))
+
+    def _find_parent(self, study: optuna.Study) -> str | None:
+        linked = self._active_run(study.user_attrs.get(PARENT_RUN_ATTR))
+        if linked is not None:
+            return linked.info.run_id
+        candidates = self._parent_candidates(study)
+        if not candidates:
+            return None
+        study.set_user_attr(PARENT_RUN_ATTR, candidates[0].info.run_id)
+        return candidates[0].info.run_id
+
+    def _create_parent(self, study: optuna.Study) -> str:
+        config = self.config
+        tags = {ROLE_TAG: "study", "study_name": study.study_name,
+                "optuna_storage": masked(config.storage),
+                "model": config.model, "dataset": config.dataset,
+                "fingerprint": config.fingerprint(), "mlflow.source.name": "search.run"}
+        if self.commit:
+            tags[GIT_COMMIT_TAG] = self.commit
+        run = self.client.create_run(self.experiment_id, run_name=f"study-{study.study_name}",
+                                     tags=tags)
+        mine = run.info.run_id
+        params = {"model": config.model, "dataset": config.dataset, "epochs": config.epochs,
+                  "seed": config.seed, "sampler": config.sampler.name,
+                  "pruner": config.pruner.name}
+        self.client.log_batch(mine, params=[Param(k, _param_value(v)) for k, v in params.items()])
+        candidates = self._parent_candidates(study)
+        winner = candidates[0].info.run_id if candidates else mine
+        if winner != mine:
+            self.client.delete_run(mine)
+        study.set_user_attr(PARENT_RUN_ATTR, winner)
+        return winner
+
+    def log_best(self, number: int, value: float, params: dict[str, Any], run_id: str,
+                 step: int) -> None:
+        tags = [RunTag("best_trial", str(number)), RunTag("best_run_id", run_id or ""),
+                RunTag("best_params", json.dumps(params, sort_keys=True, default=str)[:5000])]
+        self.client.log_batch(self.parent_run_id, tags=tags,
+                              metrics=[Metric("best_val_accuracy", float(value), _now_ms(), step)])
+
+    def end(self, study: optuna.Study, interrupted: bool) -> None:
+        """Backfills every trial's run from the study, then closes the parent run (KILLED on
+        Ctrl-C); says what was backfilled, or how to backfill once the store answers."""
+        with self.guard("closing the study's run"):
+            created, completed = self.backfill(study)
+            # Other processes still running trials (started by hand, on other machines) keep the
+            # parent RUNNING; the last one to end closes it.
+            if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                self.close_parent(study, "KILLED" if interrupted else "FINISHED")
+            if created or completed:
+                print(f"MLflow: {created} trial run(s) backfilled from the study and {completed} "
+                      "completed (logging had failed while they ran).", flush=True)
+            return
+        missing = sum(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))
+        print(f"MLflow: the tracking store still fails; up to {missing} trial run(s) may be "
+              f"missing or incomplete. Once it answers: python -m search.sync study="
+              f"{self.config.study} storage={masked(self.config.storage)}"
+              + (f" study_name={self.config.study_name}"
+                 if self.config.study_name != self.config.study else ""), file=sys.stderr)
+
+    def close_parent(self, study: optuna.Study, status: str) -> None:
+        """Trial counts and the final best on the parent run, then its status."""
+        parent = self.parent_for(study, running=False)
+        trials = study.get_trials(deepcopy=False)
+        counts = {s: sum(t.state == s for t in trials) for s in TrialState}
+        self.client.log_batch(parent, tags=[
+            RunTag(f"n_{s.name.lower()}", str(n)) for s, n in counts.items()
+            if s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)])
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        if complete:
+            best = max(complete, key=lambda t: t.value)
+            self.log_best(best.number, best.value, best.params,
+                          best.user_attrs.get(RUN_ID_ATTR, ""), step=trials[-1].number)
+        self.client.set_terminated(parent, status)
+
+    # -- backfilling from the Optuna storage (the source of truth)
+
+    def backfill(self, study: optuna.Study) -> tuple[int, int]:
+        """Creates the run of every trial that has none and completes every run that stopped
+        short of its trial (an outage, a killed worker), without duplicating what exists.
+        Returns (runs created, runs completed)."""
+        parent = self.parent_for(study, running=False)
+        runs: dict[int, list] = {}
+        for run in self.client.search_runs(
+                [self.experiment_id], max_results=50_000,
+                filter_string=f"tags.`{ROLE_TAG}` = 'trial' and tags.`{PARENT_TAG}` = '{parent}'"):
+            number = run.data.tags.get("trial_number", "")
+            if number.isdigit():
+                runs.setdefault(int(number), []).append(run)
+        created = completed = 0
+        for trial in study.get_trials(deepcopy=False):
+            if trial.state in (TrialState.WAITING, TrialState.RUNNING):
+                continue  # not over yet: the process running it logs it
+            mine = runs.get(trial.number, [])
+            linked = trial.user_attrs.get(RUN_ID_ATTR)
+            run = next((r for r in mine if r.info.run_id == linked), mine[0] if mine else None)
+            if run is None:
+                self._create_trial_run(trial, parent)
+                created += 1
+            elif run.info.status != RUN_STATUS.get(trial.state, "FAILED") or not run.data.params:
+                self._finish_trial_run(run.info.run_id, trial, logged_params=run.data.params)
+                completed += 1
+        return created, completed
+
+    def trial_tags(self, trial: optuna.Trial | FrozenTrial, parent: str) -> dict[str, str]:
+        tags = {PARENT_TAG: parent, ROLE_TAG: "trial", "study_name": self.config.study_name,
+                "trial_number": str(trial.number), "state": "RUNNING",
+                "device": str(resolve_device(self.config.device)),
+                "torch_version": torch.__version__, "mlflow.source.name": "search.run"}
+        if self.commit:
+            tags[GIT_COMMIT_TAG] = self.commit
+        for attr in ("baseline", RETRY_OF_ATTR):
+            if trial.user_attrs.get(attr) is not None:
+                tags[attr] = str(trial.user_attrs[attr])
+        return tags
+
+    def trial_params(self, params: dict[str, Any]) -> list[Param]:
+        fixed = {"model": self.config.model, "dataset": self.config.dataset,
+                 "epochs": self.config.epochs, "seed": self.config.seed}
+        return [Param(k, _param_value(v)) for k, v in {**fixed, **params}.items()]
+
+    def _create_trial_run(self, trial: FrozenTrial, parent: str) -> None:
+        start = int(trial.datetime_start.timestamp() * 1000) if trial.datetime_start else None
+        run = self.client.create_run(self.experiment_id, start_time=start,
+                                     tags={**self.trial_tags(trial, parent), "backfilled": "true"},
+                                     run_name=f"trial-{trial.number:04d}")
+        self._finish_trial_run(run.info.run_id, trial, logged_params={})
+
+    def _finish_trial_run(self, run_id: str, trial: FrozenTrial,
+                          logged_params: dict[str, str]) -> None:
+        """The params, epochs, final metrics and tags the run lacks, and the status, all from
+        the trial (the run may have been cut short anywhere: even before its params)."""
+        params = [p for p in self.trial_params(space_params(trial, self.config.space))
+                  if p.key not in logged_params]
+        if params:
+            self.client.log_batch(run_id, params=params)
+        logged = {m.step for m in self.client.get_metric_history(run_id, "val_accuracy")}
+        now = _now_ms()
+        metrics = [Metric(k, float(v), now, epoch["epoch"])
+                   for epoch in trial_epochs(trial) if epoch["epoch"] not in logged
+                   for k, v in epoch.items() if k != "epoch" and v is not None]
+        metrics += final_metrics(trial.user_attrs, len(trial.intermediate_values))
+        end = int(trial.datetime_complete.timestamp() * 1000) if trial.datetime_complete else now
+        for start in range(0, len(metrics), 900):  # MLflow takes at most 1000 per batch
+            self.client.log_batch(run_id, metrics=metrics[start:start + 900])
+        self.client.log_batch(run_id, tags=end_tags(trial.state, trial.user_attrs))
+        self.client.set_terminated(run_id, RUN_STATUS.get(trial.state, "FAILED"), end_time=end)
+
+# ---------------------------------------------------------------- one run per trial
+
+def trial_epochs(trial: FrozenTrial) -> list[dict[str, Any]]:
+    """A finished trial's per-epoch metrics as the objective recorded them, else (a trial whose
+    process died) the validation accuracies Optuna has."""
+    recorded = trial.user_attrs.get("epochs")
+    if isinstance(recorded, list) and recorded:
+        return recorded
+    return [{"epoch": e, "val_accuracy": v} for e, v in sorted(trial.intermediate_values.items())]
+
+
+def final_metrics(attrs: dict[str, Any], step: int) -> list[Metric]:
+    now = _now_ms()
+    return [Metric(name, float(attrs[key]), now, step)
+            for key, name in FINAL_METRICS.items() if attrs.get(key) is not None]
+
+
+def end_tags(state: TrialState, attrs: dict[str, Any]) -> list[RunTag]:
+    tags = [RunTag("state", state.name)]
+    for key in ("pruned_at_epoch", "over_budget", "resumed_from_epoch"):
+        if key in attrs:
+            tags.append(RunTag(key, str(attrs[key])))
+    if state == TrialState.FAIL:
+        reason = attrs.get("fail_reason") or "unexpected error (see the console output)"
+        tags.append(RunTag("fail_reason", str(reason)[:5000]))
+    return tags
+
+
+class TrialLogger:
+    """A `TrialObserver` logging each trial of this process as a run nested under the study's
+    parent run (see the module docstring); `close` prints what the logging cost."""
+
+    def __init__(self, study_run: StudyRun) -> None:
+        self.study_run = study_run
+        self.client = study_run.client
+        self.trials = 0
+        self._runs: dict[int, str] = {}   # trial number -> run id (threads may share a logger)
+
+    def trial_started(self, trial: optuna.Trial, params: dict[str, Any]) -> None:
+        if not self.study_run.available():
+            return
+        self.trials += 1
+        with self.study_run.guard(f"starting trial {trial.number}"):
+            tags = self.study_run.trial_tags(trial, self.study_run.parent_for(trial.study))
+            start = int(trial.datetime_start.timestamp() * 1000) if trial.datetime_start else None
+            run = self.client.create_run(self.study_run.experiment_id, start_time=start,
+                                         tags=tags, run_name=f"trial-{trial.number:04d}")
+            self._runs[trial.number] = run.info.run_id
+            trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
+            self.client.log_batch(run.info.run_id, params=self.study_run.trial_params(params))
+
+    def epoch_ended(self, trial: optuna.Trial, metrics: EpochMetrics) -> None:
+        run_id = self._runs.get(trial.number)
+        if run_id is None or not self.study_run.available():
+            return
+        with self.study_run.guard(f"logging epoch {metrics.epoch} of trial {trial.number}"):
+            now = _now_ms()
+            self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, metrics.epoch)
+                                                   for k, v in metrics.as_dict().items()])
+
+    def trial_finished(self, trial: optuna.Trial, state: TrialState, params: dict[str, Any],
+                       attrs: dict[str, Any], history: list[EpochMetrics]) -> None:
+        run_id = self._runs.pop(trial.number, None)
+        if run_id is None or not self.study_run.available() or state == TrialState.RUNNING:
+            return  # (RUNNING: the storage failed; the backfill closes the run once recovered)
+        with self.study_run.guard(f"finishing trial {trial.number}"):
+            self.client.log_batch(run_id, metrics=final_metrics(attrs, len(history)),
+                                  tags=end_tags(state, attrs))
+            self.client.set_terminated(run_id, RUN_STATUS.get(state, "FAILED"), end_time=_now_ms())
+            if state == TrialState.COMPLETE and history:
+                self._update_best(trial, history[-1].val_accuracy, params, run_id)
+
+    def _update_best(self, trial: optuna.Trial, value: float, params: dict[str, Any],
+                     run_id: str) -> None:
+        """The parent's best so far; this trial is not yet told to Optuna, so compare with it."""
+        try:
+            best = trial.study.best_trial
+        except ValueError:  # no complete trial yet
+            best = None
+        if best is None or value >= best.value:
+            self.study_run.log_best(trial.number, value, params, run_id, step=trial.number)
+        else:
+            self.study_run.log_best(best.number, best.value, best.params,
+                                    best.user_attrs.get(RUN_ID_ATTR, ""), step=trial.number)
+
+    def close(self) -> None:
+        """Prints what logging this process's trials cost."""
+        if self.trials:
+            config = self.study_run.config
+            print(f"MLflow: {self.trials} trial run(s) logged to experiment "
+                  f"'{config.study_name}' in {masked(config.tracking_uri)}; logging took "
+                  f"{self.study_run.seconds / self.trials * 1000:.0f} ms per trial "
+                  f"(+{self.study_run.setup_seconds:.1f} s once to connect).", flush=True)
+
+
+# ---------------------------------------------------------------- final evaluations (the report)
+
+def final_run_logger(config: StudyConfig, study: optuna.Study):
+    """A hook for `search.report`: logs each final training run (train+val, one test evaluation)
+    as its own run in the study's experiment, nested under the study's parent run when there is
+    one and tagged `search.role=final_evaluation`, so final test accuracies sit next to the
+    search in the MLflow UI without being mistaken for trials.
+
+    Returns:
+        A callable taking a `search.training.results.FinalRun`.
+    """
+    check_tracking(config.tracking_uri)
+    study_run = StudyRun(config)  # finds or creates the study's experiment
+    client, experiment_id = study_run.client, study_run.experiment_id
+    parent = study.user_attrs.get(PARENT_RUN_ATTR)
+    commit = git_commit()
+
+    def log(run: FinalRun) -> None:
+        tags = {ROLE_TAG: "final_evaluation", "study_name": run.study_name,
+                "trial_number": str(run.trial_number), "label": run.label,
+                "repeat": str(run.repeat), "torch_version": torch.__version__,
+                "mlflow.source.name": "search.report"}
+        if parent:
+            tags[PARENT_TAG] = parent
+        if commit:
+            tags[GIT_COMMIT_TAG] = commit
+        created = client.create_run(experiment_id, tags=tags,
+                                    run_name=f"final-trial-{run.trial_number:04d}-seed-{run.seed}")
+        run_id, now = created.info.run_id, _now_ms()
+        params = {"model": config.model, "dataset": config.dataset, "epochs": run.epochs,
+                  "seed": run.seed, **run.params}
+        metrics = [Metric(k, float(v), now, m.epoch) for m in run.history for k, v in m.as_dict().items()]
+        metrics += [Metric(name, float(getattr(run, name)), now, run.epochs)
+                    for name in ("test_accuracy", "test_loss", "train_seconds", "parameter_count")]
+        client.log_batch(run_id, params=[Param(k, _param_value(v)) for k, v in params.items()],
+                         metrics=metrics)
+        client.set_terminated(run_id, "FINISHED", end_time=_now_ms())
+
+    return log
