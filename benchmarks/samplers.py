@@ -38,7 +38,7 @@ from search.config.command_line import command_overrides, main_guard
 from search.config.errors import SearchError
 from search.config.settings import load_config
 from search.runner.objective import Objective, TrialFailed
-from search.storage.studies import make_pruner, make_sampler
+from search.storage.strategy import make_pruner, make_sampler
 from search.training.images import ImageSet, SearchData, load_search_data
 
 CONDITIONS: dict[str, list[str]] = {

@@ -38,8 +38,9 @@ from search.config.errors import SearchError
 from search.config.settings import load_config
 from search.config.space import suggest
 from search.runner.objective import StopSignal
-from search.runner.process import run_reserved
-from search.storage.studies import count_finished, open_study
+from search.runner.process import reserve_and_run
+from search.storage.studies import open_study
+from search.storage.trials import count_finished
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -93,7 +94,7 @@ def _storage_work(storage: str, trials: int, since: str, results: Any) -> None:
         return 0.3
 
     started = time.perf_counter()
-    run_reserved(study, objective, config, stop=StopSignal(), callbacks=[],
+    reserve_and_run(study, objective, config, stop=StopSignal(), callbacks=[],
                  since=datetime.fromisoformat(since))
     results.put((time.perf_counter() - started, ran))
 

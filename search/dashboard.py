@@ -12,9 +12,8 @@ import optuna_dashboard
 from search.config.command_line import help_text, main_guard
 from search.config.errors import SearchError
 from search.config.settings import load_config
-from search.config.urls import masked
+from search.storage.backends import artifact_store
 from search.storage.reading import load_stored_study
-from search.tracking.dashboard_artifacts import artifact_dir, artifact_store
 
 SERVER_KEYS = {"port": 8080, "host": "127.0.0.1"}
 KEY_HELP = {
@@ -58,8 +57,8 @@ def main(argv: list[str]) -> int:
     config = load_config(rest)
     _, storage = load_stored_study(config.storage, config.study_name)
     study_id = storage.get_study_id_from_name(config.study_name)
-    folder = artifact_dir(config.storage)
-    print(f"optuna-dashboard for study '{config.study_name}' in {masked(config.storage)} "
+    folder = config.storage.artifact_dir
+    print(f"optuna-dashboard for study '{config.study_name}' in {config.storage} "
           f"(artifacts: {folder}):\n  http://{options['host']}:{options['port']}/dashboard/"
           f"studies/{study_id}\nCtrl-C stops it.", flush=True)
     try:

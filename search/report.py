@@ -12,7 +12,7 @@ import optuna
 
 from search.analysis.compare import write_comparison
 from search.analysis.compose import ReportOptions, write_report
-from search.analysis.final_models import FinalRunHook
+from search.analysis.final_models import FinalTrainingHook
 from search.config.command_line import (
     KEY_HELP,
     command_overrides,
@@ -85,13 +85,15 @@ def _writable_out(out: Path) -> None:
     check_writable(out, "out", str(out))
 
 
-def final_run_hook(source) -> FinalRunHook | None:
+def final_run_hook(source) -> FinalTrainingHook | None:
     """Final runs go to MLflow (tagged as final evaluations) when the study's tracking is on."""
     if not source.config.tracking_enabled:
         return None
-    from search.tracking.mlflow_runs import final_run_logger  # mlflow imports take ~2 s
+    from search.tracking.mlflow_runs import (
+        final_training_logger,  # mlflow imports take ~2 s
+    )
 
-    return final_run_logger(source.config, source.study)
+    return final_training_logger(source.config, source.study)
 
 
 def main(argv: list[str]) -> int:

@@ -53,7 +53,7 @@ def run(config: StudyConfig, overrides: list[str] = ()) -> int:
         print("dry run: the space works; nothing was written to the storage.")
         return 0
     try:
-        return _run_study(Session.open(config, device, data), overrides)
+        return _search(Session.open(config, device, data), overrides)
     except Exception as error:  # disk full, database server gone: a fault of the machine
         cause = storage_cause(error)
         if cause is None:
@@ -62,18 +62,18 @@ def run(config: StudyConfig, overrides: list[str] = ()) -> int:
         return 1
 
 
-def _run_study(session: Session, overrides: list[str]) -> int:
+def _search(session: Session, overrides: list[str]) -> int:
     from search.runner.objective import StopSignal
     from search.runner.progress import Progress, TrialLines, print_summary
     from search.runner.workers import Workers
-    from search.storage.studies import count_finished
+    from search.storage.trials import count_finished
 
     config = session.config
     print(session.describe(), flush=True)
     if count_finished(session.study) >= config.n_trials:
         session.close()
         print("Nothing to do: the study already has its trials (raise n_trials= to run more).")
-        return print_summary(session.study, config)
+        return print_summary(session.study, config, session.experiment_id)
     stop = StopSignal()  # Ctrl-C and SIGTERM (`kill`, job schedulers) stop cleanly
     stop.install()
     since = datetime.now()
@@ -104,7 +104,7 @@ def _run_study(session: Session, overrides: list[str]) -> int:
     failed = workers.failed()
     for number, code in failed:
         print(f"warning: worker {number} exited with status {code}.", file=sys.stderr)
-    finish = print_summary(session.study, config)
+    finish = print_summary(session.study, config, session.experiment_id)
     return 1 if failed else finish
 
 

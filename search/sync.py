@@ -23,9 +23,8 @@ from search.config.command_line import (
     main_guard,
 )
 from search.config.errors import SearchError
-from search.config.urls import masked
 from search.storage.reading import open_source
-from search.storage.studies import counts
+from search.storage.trials import counts_toward_n_trials
 
 KEYS = {key: KEY_HELP[key] for key in ("study", "storage", "study_name", "tracking_uri")}
 SUMMARY = ("Creates every missing MLflow run of a study and completes the runs that stopped "
@@ -46,19 +45,19 @@ def main(argv: list[str]) -> int:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     from search.tracking.mlflow_runs import (  # mlflow imports take ~2 s
-        StudyRun,
+        ParentRun,
         check_tracking,
     )
 
     check_tracking(config.tracking_uri, config.study_name)
-    study_run, study = StudyRun(config), source.study
+    study_run, study = ParentRun(config), source.study
     created, completed = study_run.backfill(study)
     trials = study.get_trials(deepcopy=False)
     if not any(t.state == TrialState.RUNNING for t in trials):  # no process works on it now
-        done = sum(map(counts, trials)) >= config.n_trials  # as search.run counts them
+        done = sum(map(counts_toward_n_trials, trials)) >= config.n_trials  # as search.run counts them
         study_run.close_parent(study, "FINISHED" if done else "KILLED")
     finished = sum(t.state.is_finished() for t in trials)
-    print(f"MLflow: study '{config.study_name}' in {masked(config.tracking_uri)}: {created} "
+    print(f"MLflow: study '{config.study_name}' in {config.tracking_uri}: {created} "
           f"run(s) created, {completed} completed; all {finished} ended trials have their run.")
     return 0
 

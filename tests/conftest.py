@@ -1,5 +1,6 @@
-"""Shared helpers: run the real CLI in a subprocess on tiny data, read a study back, and a real
-`mlflow server` for the tests that ask for one."""
+"""Shared helpers: the override lists the tests run with, the fake data set, the real CLI in a
+subprocess on tiny data, a study read back or waited on, and real `mlflow` and PostgreSQL servers
+for the tests that ask for one."""
 
 from __future__ import annotations
 
@@ -10,35 +11,52 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
 import pytest
 import torch
+from optuna.trial import FrozenTrial, TrialState
 from threadpoolctl import threadpool_limits
 
 from benchmarks.postgres_server import PostgresServer, binaries
+from search.training.images import SearchData, load_search_data
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
+# ---------------------------------------------------------------- override lists, from named parts
+
+# The cnn3 study on `dataset=fake`: CIFAR-shaped images generated in memory, nothing to download.
+FAKE = ["study=cnn3", "dataset=fake"]
+# Successive halving that halves at every rung: a few trials give both complete and pruned ones.
+AGGRESSIVE_PRUNER = ["pruner=successive_halving", "pruner.reduction_factor=2"]
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # what n_trials counts
+
+
+def space_choices(choices: dict[str, list[int]]) -> list[str]:
+    """One `space.NAME.choices=[...]` override per searched parameter."""
+    return [f"space.{name}.choices={values}" for name, values in choices.items()]
+
+
 # A cnn3 of 8 channels and 3x3 kernels: a trial of a few epochs on `dataset=fake` takes about a
 # second on a CPU.
-SMALL_CNN = [
-    "space.batch_size.choices=[128]", "space.hidden_1.choices=[16]", "space.hidden_2.choices=[0]",
-    *[f"space.width_{i}.choices=[8]" for i in (1, 2, 3)],
-    *[f"space.kernel_size_{i}.choices=[3]" for i in (1, 2, 3)],
-]
-# A cnn3 space small enough that a 3-epoch trial on `dataset=fake` takes well under a second.
-TINY = [
-    "dataset=fake", "tracking_uri=none", "device=cpu",
-    "space.width_1.choices=[8]", "space.width_2.choices=[8]", "space.width_3.choices=[16]",
-    "space.hidden_1.choices=[32]", "space.hidden_2.choices=[0]", "space.batch_size.choices=[128]",
-    "space.kernel_size_1.choices=[3,5]", "space.kernel_size_2.choices=[3]",
-    "space.kernel_size_3.choices=[3]",
-]
+SMALL_CNN_CHOICES = {"batch_size": [128], "hidden_1": [16], "hidden_2": [0],
+                     **{f"width_{i}": [8] for i in (1, 2, 3)},
+                     **{f"kernel_size_{i}": [3] for i in (1, 2, 3)}}
+SMALL_CNN = space_choices(SMALL_CNN_CHOICES)
+# The small cnn3 on fake data on the CPU: what most end-to-end commands start from.
+SMALL = [*FAKE, "device=cpu", *SMALL_CNN]
+# A trial's parameters for the trainer on its own (no Optuna): a cnn3 that learns the fake data set
+# in a few one-second epochs.
+SMALL_PARAMS = {"width_1": 8, "width_2": 8, "width_3": 16, "hidden_1": 32, "hidden_2": 0,
+                "batch_size": 64, "optimizer": "adam", "lr": 3e-3}
+# A slightly wider cnn3 with two first-layer kernel sizes to sample, on the CPU and without MLflow:
+# a 3-epoch trial on `dataset=fake` still takes well under a second.
+TINY = [*FAKE, "device=cpu", "tracking_uri=none", *space_choices(
+    {**SMALL_CNN_CHOICES, "width_3": [16], "hidden_1": [32], "kernel_size_1": [3, 5]})]
 
 
 def cli_env() -> dict[str, str]:
@@ -86,9 +104,51 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def trained_an_epoch(trials: list[FrozenTrial]) -> bool:
+    """A RUNNING trial has reported at least one epoch."""
+    return any(t.state == TrialState.RUNNING and t.intermediate_values for t in trials)
+
+
+def wait_for_running_trial(storage: str, study_name: str, process: subprocess.Popen,
+                           predicate: Callable[[list[FrozenTrial]], bool] = lambda trials: True,
+                           timeout: float = 120) -> list[FrozenTrial]:
+    """Polls the study that `process` runs until one of its trials is RUNNING and
+    `predicate(trials)` holds, and returns those trials. Fails with the process's output should
+    it exit first, and kills it should the deadline pass first."""
+    deadline = time.monotonic() + timeout
+    trials: list[FrozenTrial] = []
+    error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:  # the study may not exist yet, or its storage be mid-creation
+            study = optuna.load_study(study_name=study_name, storage=storage)
+            trials = study.get_trials(deepcopy=False)
+        except Exception as caught:
+            error = caught
+        else:
+            if any(t.state == TrialState.RUNNING for t in trials) and predicate(trials):
+                return trials
+        try:
+            process.wait(timeout=0.05)  # the poll interval, cut short should the process end
+        except subprocess.TimeoutExpired:
+            continue
+        out, err = process.communicate(timeout=60)
+        pytest.fail(f"the process exited with {process.returncode} before a trial of "
+                    f"{study_name!r} was RUNNING as awaited:\n{out}\n{err}")
+    process.kill()
+    pytest.fail(f"no trial of {study_name!r} was RUNNING as awaited within {timeout:.0f} s; "
+                f"states: {[t.state.name for t in trials]}, last error: {error!r}")
+
+
 @pytest.fixture
 def storage(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'optuna.db'}"
+
+
+@pytest.fixture(scope="session")
+def fake_data() -> SearchData:
+    """The fake data set's train and validation splits, cut as a cnn3 search cuts them (the data
+    set's 256 validation images, seed 0). Loaded once; the tests only read it."""
+    return load_search_data("fake", "data", val_size=None, seed=0)
 
 
 # ---------------------------------------------------------------- a real mlflow server

@@ -4,18 +4,23 @@ pruning, Ctrl-C and resume, baselines."""
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import optuna
 import pytest
-from conftest import TINY, cli_env, load, run_cli
+from conftest import (
+    AGGRESSIVE_PRUNER,
+    FAKE,
+    FINISHED,
+    TINY,
+    load,
+    run_cli,
+    space_choices,
+    start_cli,
+    wait_for_running_trial,
+)
 from optuna.trial import TrialState
 
 pytestmark = pytest.mark.slow  # every test here runs the command in a subprocess
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # One lr range for every optimizer, reaching low enough that some trials barely learn.
 ONE_LR_RANGE = ["space.lr.ranges=null", "space.lr.low=1e-5", "space.lr.high=0.3"]
 
@@ -53,22 +58,19 @@ def test_user_errors_exit_2_without_traceback_or_storage(tmp_path, args, fragmen
 
 
 def test_changed_config_on_resume_is_refused(tmp_path, storage):
-    first = run_cli("search.run", "study=cnn3", *TINY, f"storage={storage}", "epochs=1",
-                    "n_trials=1", cwd=tmp_path)
+    first = run_cli("search.run", *TINY, f"storage={storage}", "epochs=1", "n_trials=1", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     db = Path(storage.removeprefix("sqlite:///"))
     before = db.read_bytes()
-    again = run_cli("search.run", "study=cnn3", *TINY, f"storage={storage}", "epochs=2",
-                    "n_trials=2", cwd=tmp_path)
+    again = run_cli("search.run", *TINY, f"storage={storage}", "epochs=2", "n_trials=2", cwd=tmp_path)
     assert again.returncode == 2
     assert "epochs: 1 -> 2" in again.stderr and "study_name=" in again.stderr
     assert db.read_bytes() == before
 
 
 def test_aggressive_pruner_prunes_and_reaches_n_trials(tmp_path, storage):
-    result = run_cli("search.run", "study=cnn3", *TINY, f"storage={storage}", "epochs=4",
-                     "n_trials=8", "pruner=successive_halving", "pruner.reduction_factor=2",
-                     "sampler=random", *ONE_LR_RANGE, cwd=tmp_path)
+    result = run_cli("search.run", *TINY, f"storage={storage}", "epochs=4", "n_trials=8",
+                     *AGGRESSIVE_PRUNER, "sampler=random", *ONE_LR_RANGE, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     trials = load(storage).trials
     states = [t.state for t in trials]
@@ -79,18 +81,17 @@ def test_aggressive_pruner_prunes_and_reaches_n_trials(tmp_path, storage):
     assert "pruned" in result.stdout and "Best: trial" in result.stdout
     assert "optuna-dashboard" in result.stdout and "search.report" in result.stdout
     # Rerunning the finished study runs nothing more.
-    again = run_cli("search.run", "study=cnn3", *TINY, f"storage={storage}", "epochs=4",
-                    "n_trials=8", "pruner=successive_halving", "pruner.reduction_factor=2",
-                    "sampler=random", *ONE_LR_RANGE, cwd=tmp_path)
+    again = run_cli("search.run", *TINY, f"storage={storage}", "epochs=4", "n_trials=8",
+                    *AGGRESSIVE_PRUNER, "sampler=random", *ONE_LR_RANGE, cwd=tmp_path)
     assert again.returncode == 0 and "Nothing to do" in again.stdout
     assert len(load(storage).trials) == len(trials)
 
 
 def test_baseline_is_trial_zero(tmp_path, storage):
     # Narrow the space around the shipped baseline instead of editing it: tiny but it still fits.
-    args = ["dataset=fake", "tracking_uri=none", "device=cpu", "space.width_1.choices=[32]",
-            "space.width_2.choices=[64]", "space.width_3.choices=[128]", "space.hidden_1.choices=[256]"]
-    result = run_cli("search.run", "study=cnn3", *args, f"storage={storage}", "epochs=1",
+    args = [*FAKE, "tracking_uri=none", "device=cpu", *space_choices(
+        {"width_1": [32], "width_2": [64], "width_3": [128], "hidden_1": [256]})]
+    result = run_cli("search.run", *args, f"storage={storage}", "epochs=1",
                      "n_trials=1", "pruner=none", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     first = load(storage).trials[0]
@@ -101,7 +102,7 @@ def test_baseline_is_trial_zero(tmp_path, storage):
 
 
 def test_dry_run_builds_both_extremes_and_writes_nothing(tmp_path, storage):
-    result = run_cli("search.run", "study=cnn3", "dataset=fake", "tracking_uri=none", "dry_run=true",
+    result = run_cli("search.run", *FAKE, "tracking_uri=none", "dry_run=true",
                      "space.batch_size.choices=[16,32]", f"storage={storage}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "smallest model ok" in result.stdout and "largest model ok" in result.stdout
@@ -114,19 +115,11 @@ def test_dry_run_builds_both_extremes_and_writes_nothing(tmp_path, storage):
 ])
 def test_a_stop_signal_then_rerun_completes_without_lost_or_duplicated_trials(
         tmp_path, storage, signum, status, reason):
-    args = ["study=cnn3", *TINY, f"storage={storage}", "epochs=3", "n_trials=4", "pruner=none"]
-    process = subprocess.Popen([sys.executable, "-m", "search.run", *args], cwd=tmp_path,
-                               env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
+    args = [*TINY, f"storage={storage}", "epochs=3", "n_trials=4", "pruner=none"]
+    process = start_cli("search.run", *args, cwd=tmp_path)
     # Interrupt once a trial has finished and the next one is running.
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            trials = optuna.load_study(study_name="cnn3", storage=storage).trials
-        except KeyError:
-            trials = []
-        if any(t.state in FINISHED for t in trials) and any(t.state == TrialState.RUNNING for t in trials):
-            break
-        time.sleep(0.05)
+    wait_for_running_trial(storage, "cnn3", process,
+                           lambda trials: any(t.state in FINISHED for t in trials))
     process.send_signal(signum)
     out, err = process.communicate(timeout=60)
     assert process.returncode == status, err

@@ -7,7 +7,6 @@ import yaml
 
 from search.config.errors import SearchError
 from search.config.settings import (
-    DEFAULT_STORAGE,
     available_studies,
     load_config,
     to_yaml,
@@ -19,7 +18,7 @@ def test_shipped_studies_load_with_their_baselines():
     for name in ("cnn3", "resnet20", "cnn3-fashion"):
         config = load_config([f"study={name}"])
         assert config.model == name.split("-")[0]
-        assert config.storage == DEFAULT_STORAGE
+        assert config.storage.is_default and str(config.storage) == "sqlite:///mlruns/optuna.db"
         assert config.study_name == name
         assert len(config.baselines) == 1 and not config.skipped_baselines
         names = [spec.name for spec in config.space]
@@ -54,7 +53,7 @@ def test_overrides_reach_every_level():
     assert by_name["optimizer"].choices == ("sgd", "adam")
     assert by_name["dropout"].kind == "fixed" and by_name["dropout"].value == 0.2
     assert by_name["decoupled"].kind == "fixed" and by_name["decoupled"].value is True
-    assert (config.study_name, config.storage) == ("other", "sqlite:///x.db")
+    assert (config.study_name, config.storage.raw) == ("other", "sqlite:///x.db")
 
 
 def test_baseline_outside_an_edited_space_is_skipped_with_a_reason():

@@ -11,15 +11,14 @@ from pathlib import Path
 import optuna
 import optuna_dashboard
 import pytest
-from conftest import SMALL_CNN, cli_env, finish, run_cli, start_cli
+from conftest import SMALL, cli_env, finish, run_cli, start_cli
 from mlflow import MlflowClient
 
 from benchmarks.postgres_server import PASSWORD
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")]
-ARGS = ["study=cnn3", "dataset=fake", "device=cpu", "epochs=1", "n_trials=2", "pruner=none",
-        *SMALL_CNN]
+ARGS = [*SMALL, "epochs=1", "n_trials=2", "pruner=none"]
 
 
 def stored_text(storage: str, tracking: str, folder: Path) -> str:

@@ -10,24 +10,21 @@ import optuna
 import optuna_dashboard
 import pytest
 import yaml
+from conftest import FAKE
 from optuna.trial import TrialState
 from werkzeug.test import Client
 
 from search import dashboard
 from search.config.command_line import main_guard
 from search.config.settings import load_config
-from search.tracking.dashboard_artifacts import (
-    DashboardArtifacts,
-    artifact_dir,
-    artifact_store,
-    study_note,
-)
+from search.config.urls import StoreUrl
+from search.storage.backends import artifact_store
+from search.tracking.dashboard_artifacts import DashboardArtifacts, study_note
 from search.training.results import EpochMetrics
 
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
-SPACE = ["study=cnn3", "dataset=fake", "epochs=3", "space.width_1.choices=[8]",
-         "space.optimizer.choices=[sgd,adam]"]
+SPACE = [*FAKE, "epochs=3", "space.width_1.choices=[8]", "space.optimizer.choices=[sgd,adam]"]
 
 
 def _history(epochs: int) -> list[EpochMetrics]:
@@ -64,14 +61,17 @@ def small_study(tmp_path_factory):
 
 
 def test_artifacts_live_next_to_the_storage(tmp_path):
-    assert artifact_dir("sqlite:///mlruns/optuna.db") == Path("mlruns/optuna-artifacts")
-    assert artifact_dir(f"sqlite:///{tmp_path}/a/o.db") == tmp_path / "a" / "optuna-artifacts"
-    assert artifact_dir("postgresql://u@db/optuna") == Path("mlruns/optuna-artifacts")
+    assert StoreUrl("sqlite:///mlruns/optuna.db").artifact_dir == Path("mlruns/optuna-artifacts")
+    assert StoreUrl(f"sqlite:///{tmp_path}/a/o.db").artifact_dir == tmp_path / "a" / "optuna-artifacts"
+    # A driver in the URL names the same file (this once sent artifacts to mlruns/ instead).
+    assert (StoreUrl(f"sqlite+pysqlite:///{tmp_path}/a/o.db").artifact_dir
+            == tmp_path / "a" / "optuna-artifacts")
+    assert StoreUrl("postgresql://u@db/optuna").artifact_dir == Path("mlruns/optuna-artifacts")
 
 
 def test_dashboard_serves_study_trials_note_and_artifacts(small_study):
     config, study = small_study
-    app = optuna_dashboard.wsgi(config.storage, artifact_store=artifact_store(config.storage))
+    app = optuna_dashboard.wsgi(config.storage.raw, artifact_store=artifact_store(config.storage))
     client = Client(app)
 
     summaries = client.get("/api/studies").get_json()["study_summaries"]
@@ -127,7 +127,7 @@ def test_command_starts_the_dashboard_with_the_artifact_store(small_study, monke
                                        "host=0.0.0.0"])
     assert code == 0, capsys.readouterr().err
     assert (started["host"], started["port"]) == ("0.0.0.0", 8123)
-    assert Path(started["artifact_store"]._base_path) == artifact_dir(config.storage)
+    assert Path(started["artifact_store"]._base_path) == config.storage.artifact_dir
     assert started["storage"].get_all_studies()[0].study_name == "cnn3"
     assert f"http://0.0.0.0:8123/dashboard/studies/{study._study_id}" in capsys.readouterr().out
 

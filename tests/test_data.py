@@ -221,6 +221,25 @@ def test_cifar_download_failure_becomes_search_error(tmp_path: Path, no_network:
     assert no_network == [("CIFAR100", tmp_path, False)]
 
 
+def test_a_refused_data_dir_leaves_no_folder_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchvision makes its folders before it fetches; offline, they must not stay."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep").mkdir()  # a folder the user had stays, empty or not
+
+    def offline(class_name: str, root: Path, train: bool) -> None:
+        (root / "FashionMNIST" / "raw").mkdir(parents=True, exist_ok=True)
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(data_module, "_torchvision_download", offline)
+    for data_dir in (tmp_path / "new" / "deeper", tmp_path / "mine"):
+        with pytest.raises(SearchError):
+            load_split("fashion_mnist", data_dir, train=True)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "mine", "mine/keep"]
+
+
 def test_cifar_download_bug_is_not_swallowed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

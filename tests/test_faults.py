@@ -16,10 +16,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import SMALL_CNN, cli_env, run_cli
+from conftest import SMALL, cli_env, run_cli
 
 pytestmark = pytest.mark.slow
-ARGS = ["study=cnn3", "dataset=fake", "device=cpu", "epochs=1", "pruner=none", *SMALL_CNN]
+TESTS = Path(__file__).resolve().parent  # where the scenario below finds conftest
+ARGS = [*SMALL, "epochs=1", "pruner=none"]
 
 
 def _unshare() -> list[str] | None:
@@ -134,23 +135,16 @@ def test_a_report_folder_that_is_a_file_is_refused(finished_study):
 # The scenario runs inside the namespace, where the tiny disk exists: start a study, fill the disk
 # while a trial trains, then free it and run the same command again. It prints what it saw.
 DISK_FULL = textwrap.dedent("""
-    import json, os, subprocess, sys, time
+    import json, os, subprocess, sys
     import optuna
-    from optuna.trial import TrialState
+    sys.path.insert(0, TESTS)
+    from conftest import trained_an_epoch, wait_for_running_trial
     os.makedirs("disk")
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", "disk"], check=True)
     storage = "sqlite:///disk/optuna.db"
     command = [sys.executable, "-m", "search.run", *ARGS, f"storage={storage}"]
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # until a trial has reported an epoch and trains on
-        try:
-            trials = optuna.load_study(study_name="cnn3", storage=storage).trials
-        except Exception:
-            trials = []
-        if any(t.state == TrialState.RUNNING and t.intermediate_values for t in trials):
-            break
-        time.sleep(0.05)
+    wait_for_running_trial(storage, "cnn3", first, trained_an_epoch)  # and it trains on
     with open("disk/fill", "wb") as fill:  # the disk is full from here on
         try:
             while True:
@@ -173,7 +167,7 @@ DISK_FULL = textwrap.dedent("""
 @needs_namespace
 def test_a_disk_that_fills_up_during_a_trial_stops_cleanly_and_the_rerun_completes(tmp_path):
     args = [*ARGS, "epochs=12", "n_trials=2", "tracking_uri=none"]
-    (tmp_path / "scenario.py").write_text(f"ARGS = {args!r}\n" + DISK_FULL)
+    (tmp_path / "scenario.py").write_text(f"ARGS = {args!r}\nTESTS = {str(TESTS)!r}\n" + DISK_FULL)
     result = in_namespace(f"exec {sys.executable} scenario.py", tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout.strip().splitlines()[-1])

@@ -15,7 +15,7 @@ from pathlib import Path
 import matplotlib.image
 import optuna
 import pytest
-from conftest import SMALL_CNN, one_thread, run_cli
+from conftest import AGGRESSIVE_PRUNER, FAKE, SMALL_CNN, one_thread, run_cli
 from optuna.trial import TrialState
 
 from search.analysis import StudyReport, open_source, write_comparison
@@ -29,8 +29,7 @@ pytestmark = pytest.mark.slow  # the shared study is made by the command, in a s
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # A tiny cnn3 so a trial takes about a second on a CPU, an aggressive pruner so some trials are
 # pruned, and a baseline that fits this space.
-TINY = ["dataset=fake", "epochs=2", "tracking_uri=none", "pruner=successive_halving",
-        "pruner.reduction_factor=2", *SMALL_CNN,
+ARGS = [*FAKE, *SMALL_CNN, "epochs=2", "tracking_uri=none", *AGGRESSIVE_PRUNER,
         "baselines=[{optimizer: adam, lr: 0.001, beta1: 0.9, beta2: 0.999, schedule: none, "
         "augment: false, dropout: 0.1, activation: relu}]"]
 
@@ -48,7 +47,7 @@ class Built:
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     tmp = tmp_path_factory.mktemp("report")
     storage = f"sqlite:///{tmp / 'optuna.db'}"
-    run = run_cli("search.run", "study=cnn3", "n_trials=4", f"storage={storage}", *TINY, cwd=tmp)
+    run = run_cli("search.run", "n_trials=4", f"storage={storage}", *ARGS, cwd=tmp)
     assert run.returncode == 0, run.stderr
     study = optuna.load_study(study_name="cnn3", storage=storage)
     states = [t.state for t in study.trials]

@@ -6,18 +6,24 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import optuna
 import pytest
-from conftest import SMALL_CNN, finish, run_cli, start_cli
+from conftest import (
+    FINISHED,
+    SMALL,
+    finish,
+    run_cli,
+    start_cli,
+    trained_an_epoch,
+    wait_for_running_trial,
+)
 from mlflow import MlflowClient
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")]
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-ARGS = ["study=cnn3", "dataset=fake", "device=cpu", "pruner=none", "sampler=random", *SMALL_CNN]
+ARGS = [*SMALL, "pruner=none", "sampler=random"]
 
 
 def check_study(storage: str, n_trials: int, tracking: str | None = None,
@@ -44,24 +50,6 @@ def check_study(storage: str, n_trials: int, tracking: str | None = None,
         assert sorted(int(r.data.tags["trial_number"]) for r in children) == [t.number for t in trials]
         assert not [r for r in runs if r.info.status == "RUNNING"]
     return study
-
-
-def wait_for(condition, timeout: float = 120, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
-
-
-def running_trial(storage: str, name: str = "cnn3") -> bool:
-    """A trial is RUNNING and has trained at least one epoch."""
-    try:
-        trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-    except (KeyError, Exception):
-        return False
-    return any(t.state == TrialState.RUNNING and t.intermediate_values for t in trials)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
@@ -93,12 +81,13 @@ def test_kill_9_mid_trial_then_the_same_command_recovers_at_once(tmp_path):
                f"tracking_uri={tracking}"]
     process = start_cli("search.run", *command, cwd=tmp_path)
 
-    def checkpointed() -> bool:  # a trial has trained a few epochs and saved a checkpoint
-        return running_trial(storage) and any(
+    def checkpointed(trials: list[FrozenTrial]) -> bool:
+        """A trial has trained a few epochs and saved a checkpoint."""
+        return trained_an_epoch(trials) and any(
             t.state == TrialState.RUNNING and t.user_attrs.get("checkpoint", {}).get("epoch", 0) >= 2
-            for t in optuna.load_study(study_name="cnn3", storage=storage).get_trials())
+            for t in trials)
 
-    wait_for(checkpointed, what="a trial's checkpoint")
+    wait_for_running_trial(storage, "cnn3", process, checkpointed)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     killed = [t for t in optuna.load_study(study_name="cnn3", storage=storage).trials
@@ -133,17 +122,16 @@ def test_kill_9_of_one_of_four_workers_loses_no_trial(tmp_path):
                "tracking_uri=none"]
     main = start_cli("search.run", *command, cwd=tmp_path)
 
-    def a_worker_trains() -> bool:
-        if not running_trial(storage):
-            return False
-        owners = [t.user_attrs.get("owner", {}) for t in optuna.load_study(
-            study_name="cnn3", storage=storage).get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
-        return any(o.get("pid") not in (None, main.pid) for o in owners)
+    def workers_pids(trials: list[FrozenTrial]) -> list[int]:
+        """The processes, other than `main`, that run a RUNNING trial."""
+        owners = [t.user_attrs.get("owner", {}) for t in trials if t.state == TrialState.RUNNING]
+        return [o["pid"] for o in owners if o.get("pid") not in (None, main.pid)]
 
-    wait_for(a_worker_trains, timeout=180, what="a worker's trial")
-    victim = next(o["pid"] for o in (t.user_attrs.get("owner", {}) for t in optuna.load_study(
-        study_name="cnn3", storage=storage).get_trials(states=(TrialState.RUNNING,)))
-        if o.get("pid") not in (None, main.pid))
+    def a_worker_trains(trials: list[FrozenTrial]) -> bool:
+        return trained_an_epoch(trials) and bool(workers_pids(trials))
+
+    trials = wait_for_running_trial(storage, "cnn3", main, a_worker_trains, timeout=180)
+    victim = workers_pids(trials)[0]
     os.kill(victim, signal.SIGKILL)
     result = finish(main, timeout=400)
     assert "exited with status -9" in result.stderr  # the main process says a worker died

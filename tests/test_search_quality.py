@@ -6,7 +6,7 @@ from __future__ import annotations
 import optuna
 import pytest
 import torch
-from conftest import SMALL_CNN
+from conftest import FAKE, SMALL_CNN, SMALL_CNN_CHOICES, space_choices
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
@@ -15,9 +15,9 @@ from search.config.settings import load_config
 from search.config.space import suggest
 from search.runner.objective import Objective, StopSignal
 from search.runner.preflight import prepare
-from search.runner.process import run_reserved
-from search.storage.studies import OVER_BUDGET_ATTR, count_finished, open_study
-from search.training.images import DATASETS, load_search_data
+from search.runner.process import reserve_and_run
+from search.storage.studies import open_study
+from search.storage.trials import TrialAttr, count_finished
 from search.training.loop import build_optimizer
 from search.training.models import build_model, model_size
 
@@ -78,11 +78,8 @@ def test_the_decoupled_parametrisation_scales_lr_and_weight_decay():
 
 # ---------------------------------------------------------------- the size budget
 
-BUDGET_SPACE = ["study=cnn3", "dataset=fake", "device=cpu", "tracking_uri=none", "epochs=1",
-                "pruner=none", "baselines=[]", "space.width_1.choices=[8]",
-                "space.width_2.choices=[8]", "space.width_3.choices=[8, 256]",
-                "space.hidden_1.choices=[16, 512]", "space.hidden_2.choices=[0]",
-                "space.batch_size.choices=[128]", *[f"space.kernel_size_{i}.choices=[3]" for i in (1, 2, 3)]]
+BUDGET_SPACE = [*FAKE, "device=cpu", "tracking_uri=none", "epochs=1", "pruner=none", "baselines=[]",
+                *space_choices({**SMALL_CNN_CHOICES, "width_3": [8, 256], "hidden_1": [16, 512]})]
 
 
 def test_a_budget_below_the_smallest_model_is_refused_before_any_study(tmp_path):
@@ -92,8 +89,8 @@ def test_a_budget_below_the_smallest_model_is_refused_before_any_study(tmp_path)
     assert not (tmp_path / "o.db").exists()
 
 
-def test_an_over_budget_model_is_never_trained_nor_counted(tmp_path, monkeypatch):
-    spec = DATASETS["fake"]
+def test_an_over_budget_model_is_never_trained_nor_counted(tmp_path, monkeypatch, fake_data):
+    spec = fake_data.spec
     small = model_size("cnn3", {"width_1": 8, "width_2": 8, "width_3": 8, "hidden_1": 16}, spec)
     large = model_size("cnn3", {"width_1": 8, "width_2": 8, "width_3": 256, "hidden_1": 512}, spec)
     budget = (small + large) // 2
@@ -110,13 +107,12 @@ def test_an_over_budget_model_is_never_trained_nor_counted(tmp_path, monkeypatch
 
     monkeypatch.setattr(objective_module, "train", spy)
     study, _, _ = open_study(config)
-    data = load_search_data("fake", "data", val_size=None, seed=0)
-    objective = Objective(config, data, torch.device("cpu"))
+    objective = Objective(config, fake_data, torch.device("cpu"))
     from datetime import datetime
 
-    run_reserved(study, objective, config, stop=StopSignal(), callbacks=[], since=datetime.now())
+    reserve_and_run(study, objective, config, stop=StopSignal(), callbacks=[], since=datetime.now())
     trials = study.get_trials()
-    over = [t for t in trials if OVER_BUDGET_ATTR in t.user_attrs]
+    over = [t for t in trials if TrialAttr.OVER_BUDGET in t.user_attrs]
     assert trained and max(trained) <= budget  # nothing over the budget was trained
     assert count_finished(study) == 4  # the over-budget trials do not count
     assert len(trials) == 4 + len(over)
@@ -131,16 +127,15 @@ def test_an_over_budget_model_is_never_trained_nor_counted(tmp_path, monkeypatch
 
 def test_a_warm_start_queues_the_best_configurations_of_another_study(tmp_path, capsys):
     storage = f"sqlite:///{tmp_path}/o.db"
-    source = load_config(["study=cnn3", "dataset=fake", f"storage={storage}", "study_name=old",
-                          "baselines=[]", *SMALL_CNN])
+    source = load_config([*FAKE, *SMALL_CNN, f"storage={storage}", "study_name=old", "baselines=[]"])
     old, _, _ = open_study(source)
     for value in (0.5, 0.9, 0.7, 0.8):  # real sampled configurations, told made-up accuracies
         trial = old.ask()
         suggest(trial, source.space)
         old.tell(trial, value)
     best = sorted(old.trials, key=lambda t: -t.value)[:2]
-    new = load_config(["study=cnn3", "dataset=fake", f"storage={storage}", "study_name=new",
-                       "warm_start=old", "warm_start_top_k=2", "space.dropout=0.3", *SMALL_CNN])
+    new = load_config([*FAKE, *SMALL_CNN, f"storage={storage}", "study_name=new", "warm_start=old",
+                       "warm_start_top_k=2", "space.dropout=0.3"])
     study, created, _ = open_study(new)
     assert created
     warm = [t for t in study.get_trials(states=(TrialState.WAITING,)) if "warm_start" in t.user_attrs]
@@ -151,8 +146,8 @@ def test_a_warm_start_queues_the_best_configurations_of_another_study(tmp_path, 
         assert queued.system_attrs["fixed_params"] == kept
         assert suggest(optuna.trial.FixedTrial(kept), new.space)["dropout"] == 0.3
     assert "dropped (not in this space): dropout" in capsys.readouterr().out
-    missing = load_config(["study=cnn3", "dataset=fake", f"storage={storage}",
-                           "study_name=newer", "tracking_uri=none", "warm_start=missing", *SMALL_CNN])
+    missing = load_config([*FAKE, *SMALL_CNN, f"storage={storage}", "study_name=newer",
+                           "tracking_uri=none", "warm_start=missing"])
     with pytest.raises(SearchError, match="warm_start=missing: no study of that name"):
         prepare(missing)
 
@@ -160,13 +155,12 @@ def test_a_warm_start_queues_the_best_configurations_of_another_study(tmp_path, 
 # ---------------------------------------------------------------- MLflow
 
 def test_the_experiment_opens_on_training_runs_in_the_mlflow_ui(tmp_path):
-    from search.tracking.mlflow_runs import StudyRun
+    from search.tracking.mlflow_runs import ParentRun
 
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
-    config = load_config(["study=cnn3", "dataset=fake", f"tracking_uri={tracking}",
-                          f"storage=sqlite:///{tmp_path}/o.db"])
+    config = load_config([*FAKE, f"tracking_uri={tracking}", f"storage=sqlite:///{tmp_path}/o.db"])
     client = MlflowClient(tracking)
     client.create_experiment("cnn3")  # made before the tag existed
-    StudyRun(config)
+    ParentRun(config)
     tags = client.get_experiment_by_name("cnn3").tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 import pytest
 
+import search
 from search.config.errors import SearchError
 from search.config.settings import load_config
 from search.config.space import (
+    LEFT_OUT,
     check_baseline,
     parse_param,
     parse_space,
     searched_params,
     suggest,
+    walk,
 )
 
 SPACE = parse_space({
@@ -47,6 +52,30 @@ def test_sampled_values_respect_bounds_step_and_log():
         assert "batch_norm" not in trial.params  # fixed values are not Optuna params
         study.tell(trial, 0.0)
     assert study.trials[0].distributions["lr"].log
+
+
+def test_the_walk_asks_only_active_searched_entries_and_records_no_left_out_value():
+    def walked(answers):
+        asked = []
+
+        def choose(spec, params):
+            asked.append(spec.name)
+            return answers.get(spec.name, LEFT_OUT)
+        return walk(SPACE, choose), asked
+
+    assert walked({"optimizer": "adam", "lr": 0.01}) == (
+        {"optimizer": "adam", "lr": 0.01, "batch_norm": True},
+        ["optimizer", "lr", "beta1", "batch_size"])  # never SGD's entries, nor the fixed one
+    # A parent left for the sampler activates none of its conditionals yet.
+    assert walked({}) == ({"batch_norm": True}, ["optimizer", "lr", "batch_size"])
+
+
+def test_the_space_is_walked_in_one_place():
+    """Sampling, baselines, warm starts and the dry run all go through `walk`."""
+    package = Path(search.__file__).parent
+    walkers = [path.relative_to(package).as_posix() for path in sorted(package.rglob("*.py"))
+               if ".is_active(" in path.read_text()]
+    assert walkers == ["config/space.py"]
 
 
 def test_fixed_trial_missing_a_param_fails_loudly():
@@ -87,8 +116,8 @@ def test_shipped_baselines_are_complete_configurations():
     for name in ("cnn3", "resnet20", "cnn3-fashion"):
         config = load_config([f"study={name}"])
         baseline = config.baselines[0]
-        active = {}
-        for spec in config.space:
-            if spec.is_active(active):
-                active[spec.name] = baseline.get(spec.name, spec.value)
-                assert spec.name in baseline or spec.kind == "fixed", (name, spec.name)
+
+        def from_baseline(spec, params, name=name, baseline=baseline):
+            assert spec.name in baseline, (name, spec.name)
+            return baseline[spec.name]
+        walk(config.space, from_baseline)

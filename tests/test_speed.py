@@ -8,23 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SMALL_PARAMS
 
 from benchmarks import speed as bench
 from search.config.errors import SearchError
 from search.training.augment import BatchLoader, _epoch_seed, random_crop, random_flip
-from search.training.images import DATASETS, ImageSet, load_split, train_val_split
+from search.training.images import ImageSet
 from search.training.loop import Speed, evaluate, make_loader, predict, train
 from search.training.models import build_model
 
-SMALL = {"width_1": 8, "width_2": 8, "width_3": 16, "hidden_1": 32, "hidden_2": 0,
-         "batch_size": 64, "optimizer": "adam", "lr": 3e-3, "augment": True}
+SMALL_AUGMENTED = {**SMALL_PARAMS, "augment": True}
 PLAIN = Speed(channels_last=False, autocast=False)
-
-
-@pytest.fixture(scope="module")
-def fake():
-    train_set, val_set = train_val_split(load_split("fake", "unused", train=True), val_size=256, seed=0)
-    return train_set, val_set, DATASETS["fake"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -33,10 +27,10 @@ def fake():
 
 
 @pytest.mark.parametrize("model_name", ["cnn3", "resnet20"])
-def test_fast_paths_predict_like_the_plain_path(fake, model_name):
-    _, val_set, spec = fake
+def test_fast_paths_predict_like_the_plain_path(fake_data, model_name):
+    val_set, spec = fake_data.val, fake_data.spec
     torch.manual_seed(0)
-    model = build_model(model_name, {"width_multiplier": 0.25, **SMALL}, in_channels=3,
+    model = build_model(model_name, {"width_multiplier": 0.25, **SMALL_AUGMENTED}, in_channels=3,
                         image_size=32, num_classes=10)
     # A few BN statistics updates, so eval mode is not the trivial initial state.
     model.train()
@@ -62,11 +56,11 @@ def test_fast_paths_predict_like_the_plain_path(fake, model_name):
     assert outputs["bf16"][2][0] == pytest.approx(plain_loss, rel=0.05)
 
 
-def test_fast_training_tracks_the_plain_path(fake):
-    train_set, val_set, spec = fake
+def test_fast_training_tracks_the_plain_path(fake_data):
+    train_set, val_set, spec = fake_data.train, fake_data.val, fake_data.spec
     train_set = ImageSet(train_set.images[:384], train_set.labels[:384])
-    runs = {name: train("cnn3", SMALL, train_data=train_set, val_data=val_set, spec=spec, epochs=2,
-                        seed=3, device="cpu", speed=speed).history
+    runs = {name: train("cnn3", SMALL_AUGMENTED, train_data=train_set, val_data=val_set, spec=spec,
+                        epochs=2, seed=3, device="cpu", speed=speed).history
             for name, speed in (("plain", PLAIN), ("channels_last", Speed(channels_last=True)),
                                 ("bf16", Speed(channels_last=True, autocast=True)))}
     plain = runs["plain"]

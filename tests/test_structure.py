@@ -165,3 +165,56 @@ def test_model_activations_match_the_registry():
     from search.training.models import ACTIVATIONS
 
     assert tuple(ACTIVATIONS) == registry.ACTIVATIONS
+
+
+def bare_attribute_keys(path: Path) -> list[str]:
+    """Trial/study user attributes named by a string literal instead of `TrialAttr`/`StudyAttr`:
+    `user_attrs.get("x")`, `user_attrs["x"]`, `"x" in t.user_attrs`, `set_user_attr("x", ...)`,
+    `user_attrs={"x": ...}`."""
+    found = []
+
+    def literal(node: ast.AST) -> bool:
+        return isinstance(node, ast.Constant) and isinstance(node.value, str)
+
+    def is_user_attrs(node: ast.AST) -> bool:
+        return isinstance(node, ast.Attribute) and node.attr == "user_attrs"
+
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            if node.func.attr in ("set_user_attr", "set_trial_user_attr") and node.args:
+                key = node.args[0] if node.func.attr == "set_user_attr" else node.args[1:2] and node.args[1]
+                if key and literal(key):
+                    found.append(f"{path.name}:{node.lineno}")
+            if node.func.attr == "get" and is_user_attrs(node.func.value) and node.args \
+                    and literal(node.args[0]):
+                found.append(f"{path.name}:{node.lineno}")
+            for keyword in node.keywords:
+                if keyword.arg == "user_attrs" and isinstance(keyword.value, ast.Dict) \
+                        and any(k is not None and literal(k) for k in keyword.value.keys):
+                    found.append(f"{path.name}:{node.lineno}")
+        elif isinstance(node, ast.Subscript) and is_user_attrs(node.value) and literal(node.slice):
+            found.append(f"{path.name}:{node.lineno}")
+        elif isinstance(node, ast.Compare) and literal(node.left) \
+                and any(is_user_attrs(c) for c in node.comparators):
+            found.append(f"{path.name}:{node.lineno}")
+    return found
+
+
+def test_every_attribute_key_comes_from_the_one_module():
+    assert [hit for path in PACKAGE.rglob("*.py") for hit in bare_attribute_keys(path)] == []
+
+
+def test_a_bare_attribute_key_would_be_found(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text('trial.set_user_attr("seed", 1)\nx = t.user_attrs.get("owner")\n'
+                       'y = "fail_reason" in t.user_attrs\nz = t.user_attrs["baseline"]\n'
+                       'study.enqueue_trial({}, user_attrs={"baseline": 0})\n'
+                       'ok = t.user_attrs.get(TrialAttr.SEED)\n')
+    assert bare_attribute_keys(planted) == [f"planted.py:{n}" for n in (1, 2, 3, 4, 5)]
+
+
+def test_every_attribute_has_a_writer_and_a_meaning():
+    from search.storage.trials import MEANING, StudyAttr, TrialAttr
+
+    assert set(MEANING) == set(TrialAttr) | set(StudyAttr)
+    assert all(writer and meaning for writer, meaning in MEANING.values())

@@ -8,31 +8,27 @@ import optuna
 import pytest
 import sqlalchemy
 import torch
-from conftest import TINY
+from conftest import FAKE, TINY
 from optuna.trial import TrialState
 
 from search.config.errors import SearchError
 from search.config.settings import load_config
 from search.config.space import suggest
+from search.config.urls import StoreUrl
 from search.runner import objective as objective_module
 from search.runner.objective import Objective, TrialFailed
-from search.storage.studies import (
-    check_resume,
-    check_storage,
-    make_pruner,
-    make_storage,
-    open_study,
-)
-from search.training.images import load_search_data
+from search.storage.checks import check_storage, open_if_exists
+from search.storage.strategy import make_pruner
+from search.storage.studies import make_storage, open_study
 from search.training.results import repeat_seed, trial_seed
 
 
 def config_for(storage: str, *extra: str):
-    return load_config(["study=cnn3", f"storage={storage}", "epochs=2", *TINY, *extra])
+    return load_config([f"storage={storage}", "epochs=2", *TINY, *extra])
 
 
 def test_baseline_is_trial_zero_and_not_enqueued_twice(storage):
-    config = load_config(["study=cnn3", f"storage={storage}", "dataset=fake", "epochs=2"])
+    config = load_config([*FAKE, f"storage={storage}", "epochs=2"])
     study, created, _ = open_study(config)
     assert created
     study, created, _ = open_study(config)
@@ -49,22 +45,25 @@ def test_changed_config_is_refused_and_storage_untouched(storage):
     changed = config_for(storage, "epochs=3", "space.weight_decay.high=0.05")
     before = optuna.load_study(study_name="cnn3", storage=storage).user_attrs
     with pytest.raises(SearchError) as caught:
-        check_resume(changed)
+        check_storage(changed)
     message = str(caught.value)
     assert "epochs: 2 -> 3" in message and "space.weight_decay.high: 0.01 -> 0.05" in message
     assert "study_name=" in message
     assert optuna.load_study(study_name="cnn3", storage=storage).user_attrs == before
     # n_trials and timeout are not part of what a trial means: resuming with new ones is fine.
-    assert check_resume(config_for(storage, "n_trials=50", "timeout=9"))
+    assert check_storage(config_for(storage, "n_trials=50", "timeout=9"))
 
 
 def test_storage_errors(tmp_path):
-    with pytest.raises(SearchError, match="not a storage URL"):
-        check_storage("not a url")
+    with pytest.raises(SearchError, match="storage='?not a url'?: not a database URL"):
+        open_if_exists(StoreUrl("not a url"))
     with pytest.raises(SearchError, match="does not exist"):
-        check_storage(f"sqlite:///{tmp_path}/missing/dir/x.db")
-    with pytest.raises(SearchError, match="cannot connect"):
-        check_storage("postgresql://nobody:pw@127.0.0.1:1/none")
+        open_if_exists(StoreUrl(f"sqlite:///{tmp_path}/missing/dir/x.db"))
+    with pytest.raises(SearchError, match="cannot connect") as caught:
+        open_if_exists(StoreUrl("postgresql://nobody:pw@127.0.0.1:1/none"))
+    assert "nobody:***@" in str(caught.value) and ":pw@" not in str(caught.value)
+    assert open_if_exists(StoreUrl(f"sqlite:///{tmp_path}/new.db")) is None
+    assert not (tmp_path / "new.db").exists()  # checking creates nothing
 
 
 def test_pruners_use_epochs_as_resource():
@@ -76,9 +75,9 @@ def test_pruners_use_epochs_as_resource():
 
 
 def test_sqlite_storage_writes_ahead_and_others_read_it(storage, tmp_path):
-    study = optuna.create_study(storage=make_storage(storage), study_name="s")
+    study = optuna.create_study(storage=make_storage(StoreUrl(storage)), study_name="s")
     study.set_user_attr("written", 1)
-    with make_storage(storage).engine.connect() as connection:
+    with make_storage(StoreUrl(storage)).engine.connect() as connection:
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
     with sqlite3.connect(tmp_path / "optuna.db") as plain:  # the mode is kept in the file
         assert plain.execute("PRAGMA journal_mode").fetchone() == ("wal",)
@@ -90,7 +89,7 @@ def _ask_tell(pruner: optuna.pruners.BasePruner, storage: str, n_trials: int) ->
     """A short study with cnn3's whole space and random curves: what was sampled and pruned,
     and how often the study's trials were read from the storage."""
     config = load_config(["study=cnn3", "epochs=9"])
-    backend = make_storage(storage)
+    backend = make_storage(StoreUrl(storage))
     reads = 0
 
     def count_trial_reads(_connection, _cursor, statement, *_args) -> None:
@@ -135,23 +134,22 @@ def test_hyperband_reads_the_storage_once_per_trial_and_decides_as_optunas(tmp_p
     assert our_reads < their_reads / 2, (our_reads, their_reads)
 
 
-def _run(config, n_trials, monkeypatch=None):
+def _run(config, data, n_trials):
     study, _, _ = open_study(config)
-    data = load_search_data(config.dataset, config.data_dir, val_size=None, seed=config.seed)
     objective = Objective(config, data, torch.device("cpu"))
     study.optimize(objective, n_trials=n_trials, catch=(TrialFailed,))
     return study
 
 
-def test_diverging_trial_fails_alone(storage):
+def test_diverging_trial_fails_alone(storage, fake_data):
     config = config_for(storage, "space.optimizer=sgd", "space.lr.ranges.optimizer.sgd=[1e5,1e6]",
                         "space.batch_norm=false", "n_trials=2")
-    study = _run(config, 2)
+    study = _run(config, fake_data, 2)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
     assert all("diverged" in t.user_attrs["fail_reason"] for t in study.trials)
 
 
-def test_out_of_memory_fails_alone_and_the_study_goes_on(storage, monkeypatch):
+def test_out_of_memory_fails_alone_and_the_study_goes_on(storage, monkeypatch, fake_data):
     real_train = objective_module.train
     calls = []
 
@@ -162,12 +160,12 @@ def test_out_of_memory_fails_alone_and_the_study_goes_on(storage, monkeypatch):
         return real_train(*args, **kwargs)
 
     monkeypatch.setattr(objective_module, "train", train_that_runs_out_of_memory_once)
-    study = _run(config_for(storage), 2)
+    study = _run(config_for(storage), fake_data, 2)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert study.trials[0].user_attrs["fail_reason"].startswith("out of memory")
 
 
-def test_a_combination_that_cannot_be_built_fails_alone(storage, monkeypatch, capsys):
+def test_a_combination_that_cannot_be_built_fails_alone(storage, monkeypatch, capsys, fake_data):
     real_train = objective_module.train
     calls = []
 
@@ -178,14 +176,14 @@ def test_a_combination_that_cannot_be_built_fails_alone(storage, monkeypatch, ca
         return real_train(*args, **kwargs)
 
     monkeypatch.setattr(objective_module, "train", train_that_cannot_build_once)
-    study = _run(config_for(storage), 2)
+    study = _run(config_for(storage), fake_data, 2)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
     assert study.trials[0].user_attrs["fail_reason"].startswith("SearchError: cnn3 needs images")
     assert "the study goes on" in capsys.readouterr().err
 
 
-def test_complete_trial_records_its_facts(storage):
-    study = _run(config_for(storage, "pruner=none"), 1)
+def test_complete_trial_records_its_facts(storage, fake_data):
+    study = _run(config_for(storage, "pruner=none"), fake_data, 1)
     trial = study.trials[0]
     assert trial.state == TrialState.COMPLETE
     assert trial.intermediate_values.keys() == {1, 2}

@@ -8,45 +8,58 @@ FAILED/KILLED paths, the checks of the tracking URI, and that a failing store ne
 from __future__ import annotations
 
 import signal
-import time
 from pathlib import Path
 
 import optuna
 import pytest
-from conftest import SMALL_CNN, finish, free_port, run_cli, start_cli
+from conftest import (
+    AGGRESSIVE_PRUNER,
+    FINISHED,
+    SMALL,
+    finish,
+    free_port,
+    run_cli,
+    start_cli,
+    wait_for_running_trial,
+)
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from search.config.command_line import main_guard
 from search.config.errors import SearchError
-from search.config.settings import load_config
+from search.config.settings import StudyConfig, load_config
+from search.config.urls import StoreUrl
 from search.run import main as run_main
 from search.runner.process import make_observers
+from search.storage.trials import StudyAttr, TrialAttr
 from search.tracking.dashboard_artifacts import DashboardArtifacts
 from search.tracking.mlflow_runs import (
-    PARENT_RUN_ATTR,
-    RUN_ID_ATTR,
-    StudyRun,
+    ParentRun,
     TrialLogger,
     check_tracking,
-    final_run_logger,
+    final_training_logger,
 )
-from search.training.results import EpochMetrics, FinalRun
+from search.training.results import EpochMetrics, FinalTraining
 
 # MLflow's own SQLAlchemy store warns about itself; nothing here to act on.
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")
 EPOCHS = 2
 # A cnn3 space whose trials take about a second on a CPU; random sampling with a fixed seed and
 # an aggressive pruner, so a few trials give both complete and pruned ones.
-TINY = ["study=cnn3", "dataset=fake", "device=cpu", f"epochs={EPOCHS}", "sampler=random",
-        "pruner=successive_halving", "pruner.reduction_factor=2", "space.augment=false",
-        *SMALL_CNN]
-DONE = (TrialState.COMPLETE, TrialState.PRUNED)  # what n_trials counts
+ARGS = [*SMALL, f"epochs={EPOCHS}", "sampler=random", *AGGRESSIVE_PRUNER, "space.augment=false"]
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
 
 def run_tiny(*args: str, cwd: Path):
-    return finish(start_cli("search.run", *TINY, *args, cwd=cwd))
+    return finish(start_cli("search.run", *ARGS, *args, cwd=cwd))
+
+
+def tracked_study(tmp_path: Path, tracking_uri: str, name: str) -> tuple[StudyConfig, optuna.Study]:
+    """The config of a study named `name` and tracked at `tracking_uri`, and that study, new."""
+    storage = f"sqlite:///{tmp_path}/o.db"
+    config = load_config([*ARGS, f"storage={storage}", f"tracking_uri={tracking_uri}",
+                          f"study_name={name}"])
+    return config, optuna.create_study(storage=storage, study_name=name, direction="maximize")
 
 
 def in_process_cli(*args: str) -> int:
@@ -76,7 +89,7 @@ def check_study_in_mlflow(client: MlflowClient, study: optuna.Study) -> None:
     parents, children = study_runs(client, study.study_name)
     assert len(parents) == 1, [p.info.run_name for p in parents]
     parent = parents[0]
-    assert study.user_attrs[PARENT_RUN_ATTR] == parent.info.run_id
+    assert study.user_attrs[StudyAttr.MLFLOW_PARENT_RUN_ID] == parent.info.run_id
     assert parent.data.tags["study_name"] == study.study_name
     assert parent.info.status == "FINISHED"
     assert "config.yaml" in [a.path for a in client.list_artifacts(parent.info.run_id)]
@@ -89,8 +102,8 @@ def check_study_in_mlflow(client: MlflowClient, study: optuna.Study) -> None:
     by_id = {r.info.run_id: r for r in children}
     by_number = {int(r.data.tags["trial_number"]): r for r in children}
     for trial in trials:
-        if RUN_ID_ATTR in trial.user_attrs:  # logged live: the trial leads to its run ...
-            run = by_id[trial.user_attrs[RUN_ID_ATTR]]
+        if TrialAttr.MLFLOW_RUN_ID in trial.user_attrs:  # logged live: the trial leads to its run ...
+            run = by_id[trial.user_attrs[TrialAttr.MLFLOW_RUN_ID]]
         else:  # backfilled after an outage (a finished trial can no longer be written to)
             run = by_number[trial.number]
             assert run.data.tags["backfilled"] == "true"
@@ -123,13 +136,13 @@ def check_study_in_mlflow(client: MlflowClient, study: optuna.Study) -> None:
 
 def test_tracking_uri_that_is_a_directory_or_missing_folder_is_refused(tmp_path):
     with pytest.raises(SearchError, match=r"tracking_uri=.*file store.*tracking_uri=none"):
-        check_tracking(str(tmp_path / "mlruns"))
+        check_tracking(StoreUrl(str(tmp_path / "mlruns"), "tracking_uri"))
     with pytest.raises(SearchError, match=r"tracking_uri=sqlite:///.*does not exist"):
-        check_tracking(f"sqlite:///{tmp_path}/missing/mlflow.db")
+        check_tracking(StoreUrl(f"sqlite:///{tmp_path}/missing/mlflow.db", "tracking_uri"))
 
 
 def test_tracking_off_means_no_mlflow_observer(tmp_path):
-    config = load_config([*TINY, "tracking_uri=none", f"storage=sqlite:///{tmp_path}/o.db"])
+    config = load_config([*ARGS, "tracking_uri=none", f"storage=sqlite:///{tmp_path}/o.db"])
     study_run, observers = make_observers(config)
     assert study_run is None and [type(o) for o in observers] == [DashboardArtifacts]
 
@@ -137,7 +150,7 @@ def test_tracking_off_means_no_mlflow_observer(tmp_path):
 def test_unreachable_server_stops_before_any_trial(tmp_path, capsys):
     storage = f"sqlite:///{tmp_path}/o.db"
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    code = in_process_cli(*TINY, f"storage={storage}", f"tracking_uri={uri}", "n_trials=2")
+    code = in_process_cli(*ARGS, f"storage={storage}", f"tracking_uri={uri}", "n_trials=2")
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.startswith(f"error: tracking_uri={uri}: cannot reach") and "tracking_uri=none" in err
@@ -176,7 +189,7 @@ def test_two_workers_then_a_resume_log_every_trial_once(mlflow_server, tmp_path,
     # each trial's run carries its own trial's number. (The Optuna schema is created first:
     # two processes creating one SQLite storage at once race in Optuna's own migrations.)
     optuna.storages.RDBStorage(storage).engine.dispose()
-    workers = [start_cli("search.run", *TINY, *common, "n_trials=4", cwd=tmp_path)
+    workers = [start_cli("search.run", *ARGS, *common, "n_trials=4", cwd=tmp_path)
                for _ in range(2)]
     for result in map(finish, workers):
         assert result.returncode == 0, result.stderr
@@ -185,7 +198,7 @@ def test_two_workers_then_a_resume_log_every_trial_once(mlflow_server, tmp_path,
     study = optuna.load_study(study_name="two-workers", storage=storage)
     assert len(study.trials) >= 4
     check_study_in_mlflow(client, study)
-    parent = study.user_attrs[PARENT_RUN_ATTR]
+    parent = study.user_attrs[StudyAttr.MLFLOW_PARENT_RUN_ID]
 
     # Rerunning with a larger budget resumes: same parent, one new run per new trial. (The
     # CLI's entry point in process: the subprocesses above already cover the real command.)
@@ -196,13 +209,13 @@ def test_two_workers_then_a_resume_log_every_trial_once(mlflow_server, tmp_path,
                    if 1 in t.intermediate_values}
     worst = study.trials[min(first_epoch, key=first_epoch.get)]
     study.enqueue_trial(worst.params, user_attrs={"seed": worst.user_attrs["seed"]})
-    finished = len(study.get_trials(states=DONE))
-    assert in_process_cli(*TINY, *common, f"n_trials={finished + 1}") == 0
+    finished = len(study.get_trials(states=FINISHED))
+    assert in_process_cli(*ARGS, *common, f"n_trials={finished + 1}") == 0
     assert "Resuming study" in capsys.readouterr().out
     study = optuna.load_study(study_name="two-workers", storage=storage)
-    assert len(study.get_trials(states=DONE)) == finished + 1
+    assert len(study.get_trials(states=FINISHED)) == finished + 1
     check_study_in_mlflow(client, study)
-    assert study.user_attrs[PARENT_RUN_ATTR] == parent
+    assert study.user_attrs[StudyAttr.MLFLOW_PARENT_RUN_ID] == parent
     assert TrialState.PRUNED in {t.state for t in study.trials}
 
 
@@ -215,11 +228,8 @@ def _metrics(epoch: int, val_accuracy: float) -> EpochMetrics:
 
 
 def test_failed_and_interrupted_trials_and_dead_workers(mlflow_server, tmp_path):
-    storage = f"sqlite:///{tmp_path}/o.db"
-    config = load_config([*TINY, f"storage={storage}", f"tracking_uri={mlflow_server}",
-                          "study_name=in-process"])
-    study = optuna.create_study(storage=storage, study_name="in-process", direction="maximize")
-    study_run = StudyRun(config)
+    config, study = tracked_study(tmp_path, mlflow_server, "in-process")
+    study_run = ParentRun(config)
     tracker = TrialLogger(study_run)
     client = MlflowClient(mlflow_server)
 
@@ -241,24 +251,24 @@ def test_failed_and_interrupted_trials_and_dead_workers(mlflow_server, tmp_path)
 
     orphan = study.ask()  # its worker dies: no trial_finished; Optuna's heartbeat fails it
     tracker.trial_started(orphan, {"lr": 0.2})
-    orphan_run = orphan.user_attrs[RUN_ID_ATTR]
+    orphan_run = orphan.user_attrs[TrialAttr.MLFLOW_RUN_ID]
     study.tell(orphan, state=TrialState.FAIL)
     assert client.get_run(orphan_run).info.status == "RUNNING"
 
     study_run.end(study, interrupted=True)
-    run = client.get_run(diverged.user_attrs[RUN_ID_ATTR])
+    run = client.get_run(diverged.user_attrs[TrialAttr.MLFLOW_RUN_ID])
     assert run.info.status == "FAILED" and run.data.tags["state"] == "FAIL"
     assert run.data.tags["fail_reason"] == "diverged: training loss became nan"
     run = client.get_run(orphan_run)
     assert run.info.status == "FAILED" and "fail_reason" in run.data.tags
-    parent = client.get_run(study.user_attrs[PARENT_RUN_ATTR])
+    parent = client.get_run(study.user_attrs[StudyAttr.MLFLOW_PARENT_RUN_ID])
     assert parent.info.status == "KILLED"  # Ctrl-C
     assert parent.data.metrics["best_val_accuracy"] == pytest.approx(0.6)
     assert parent.data.tags["n_fail"] == "2" and parent.data.tags["n_complete"] == "1"
     assert tracker.trials == 3 and study_run.seconds > 0
 
     # A new process on the same study (a resume) finds the same parent and reopens it.
-    again = StudyRun(config)
+    again = ParentRun(config)
     trial = study.ask()
     TrialLogger(again).trial_started(trial, {"lr": 0.3})
     assert again.parent_run_id == parent.info.run_id
@@ -266,11 +276,8 @@ def test_failed_and_interrupted_trials_and_dead_workers(mlflow_server, tmp_path)
 
 
 def test_a_failing_tracking_store_warns_and_never_fails_the_trial(mlflow_server, tmp_path, capsys):
-    storage = f"sqlite:///{tmp_path}/o.db"
-    config = load_config([*TINY, f"storage={storage}", f"tracking_uri={mlflow_server}",
-                          "study_name=store-fails"])
-    study = optuna.create_study(storage=storage, study_name="store-fails", direction="maximize")
-    study_run = StudyRun(config)
+    config, study = tracked_study(tmp_path, mlflow_server, "store-fails")
+    study_run = ParentRun(config)
     tracker = TrialLogger(study_run)
 
     def broken(*args, **kwargs):
@@ -286,13 +293,10 @@ def test_a_failing_tracking_store_warns_and_never_fails_the_trial(mlflow_server,
 
 
 def test_final_evaluations_are_logged_under_the_study_parent(mlflow_server, tmp_path):
-    storage = f"sqlite:///{tmp_path}/o.db"
-    config = load_config([*TINY, f"storage={storage}", f"tracking_uri={mlflow_server}",
-                          "study_name=finals"])
-    study = optuna.create_study(storage=storage, study_name="finals", direction="maximize")
-    study.set_user_attr(PARENT_RUN_ATTR, "not-a-real-parent")
-    log = final_run_logger(config, study)
-    log(FinalRun("finals", "rank 1", 7, 0, 11, {"lr": 0.1, "optimizer": "sgd"}, 2, 0.75, 0.9,
+    config, study = tracked_study(tmp_path, mlflow_server, "finals")
+    study.set_user_attr(StudyAttr.MLFLOW_PARENT_RUN_ID, "not-a-real-parent")
+    log = final_training_logger(config, study)
+    log(FinalTraining("finals", "rank 1", 7, 0, 11, {"lr": 0.1, "optimizer": "sgd"}, 2, 0.75, 0.9,
                  1.5, 1234, [_metrics(1, 0.5), _metrics(2, 0.7)]))
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("finals")
@@ -312,23 +316,16 @@ def test_an_mlflow_outage_mid_study_loses_no_run(mlflow_server_process, tmp_path
         server.start()
     storage = f"sqlite:///{tmp_path}/o.db"
     common = [f"storage={storage}", f"tracking_uri={server.url}", "study_name=outage"]
-    process = start_cli("search.run", *TINY, *common, "n_trials=6", cwd=tmp_path)
+    process = start_cli("search.run", *ARGS, *common, "n_trials=6", cwd=tmp_path)
 
-    def finished() -> int:
-        try:
-            return len(optuna.load_study(study_name="outage", storage=storage).get_trials(states=DONE))
-        except KeyError:
-            return 0
-
-    deadline = time.monotonic() + 120
-    while finished() < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    server.stop()  # the tracking server goes away mid-study
+    wait_for_running_trial(storage, "outage", process,
+                           lambda trials: sum(t.state in FINISHED for t in trials) >= 2)
+    server.stop()  # the tracking server goes away mid-study: two trials done, the third running
     result = finish(process, timeout=300)
     assert result.returncode == 0, result.stderr  # the study is not hurt
     assert "MLflow logging failed" in result.stderr and "python -m search.sync" in result.stderr
     study = optuna.load_study(study_name="outage", storage=storage)
-    assert len(study.get_trials(states=DONE)) == 6
+    assert len(study.get_trials(states=FINISHED)) == 6
 
     server.start()  # back, on the same port and store
     synced = run_cli("search.sync", "study=cnn3", *common, cwd=tmp_path)

@@ -8,7 +8,7 @@ import re
 import optuna
 import pytest
 import torch
-from conftest import SMALL_CNN, one_thread
+from conftest import FAKE, SMALL_CNN, one_thread
 from optuna.trial import TrialState
 
 from search.analysis.final_models import retrain_trial
@@ -18,20 +18,19 @@ from search.runner.objective import Objective
 from search.storage.reading import open_source, retrain_command
 from search.storage.studies import open_study
 from search.train import main as train_main
-from search.training.images import load_search_data
+from search.training.images import SearchData
 
-TINY = ["dataset=fake", "epochs=2", "tracking_uri=none", "baselines=[]", *SMALL_CNN]
+ARGS = [*FAKE, *SMALL_CNN, "epochs=2", "tracking_uri=none", "baselines=[]"]
 
 
 @pytest.fixture(scope="module")
-def storage(tmp_path_factory: pytest.TempPathFactory) -> str:
+def storage(tmp_path_factory: pytest.TempPathFactory, fake_data: SearchData) -> str:
     """A study with one trial run by the search's own objective."""
     url = f"sqlite:///{tmp_path_factory.mktemp('train') / 'optuna.db'}"
-    config = load_config(["study=cnn3", f"storage={url}", *TINY])
+    config = load_config([f"storage={url}", *ARGS])
     study, _, _ = open_study(config)
     with one_thread():
-        data = load_search_data("fake", config.data_dir, val_size=None, seed=config.seed)
-        study.optimize(Objective(config, data, torch.device("cpu")), n_trials=1)
+        study.optimize(Objective(config, fake_data, torch.device("cpu")), n_trials=1)
     assert study.trials[0].state == TrialState.COMPLETE
     return url
 

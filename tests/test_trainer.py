@@ -6,8 +6,8 @@ import io
 
 import pytest
 import torch
+from conftest import SMALL_PARAMS
 
-from search.training.images import DATASETS, load_split, train_val_split
 from search.training.loop import (
     TrainingDiverged,
     build_optimizer,
@@ -15,20 +15,11 @@ from search.training.loop import (
     train,
 )
 
-SMALL = {"width_1": 8, "width_2": 8, "width_3": 16, "hidden_1": 32, "hidden_2": 0,
-         "batch_size": 64, "optimizer": "adam", "lr": 3e-3}
 
-
-@pytest.fixture(scope="module")
-def fake():
-    train_set, val_set = train_val_split(load_split("fake", "unused", train=True), val_size=256, seed=0)
-    return train_set, val_set, DATASETS["fake"]
-
-
-def test_learns_and_reports_every_epoch(fake):
-    train_set, val_set, spec = fake
+def test_learns_and_reports_every_epoch(fake_data):
+    train_set, val_set, spec = fake_data.train, fake_data.val, fake_data.spec
     seen = []
-    result = train("cnn3", SMALL, train_data=train_set, val_data=val_set, spec=spec, epochs=3,
+    result = train("cnn3", SMALL_PARAMS, train_data=train_set, val_data=val_set, spec=spec, epochs=3,
                    seed=0, device="cpu", on_epoch=lambda m: seen.append(m) and False)
     assert [m.epoch for m in seen] == [1, 2, 3] == [m.epoch for m in result.history]
     assert result.history[-1].val_accuracy > 0.3  # chance is 0.1
@@ -38,23 +29,23 @@ def test_learns_and_reports_every_epoch(fake):
     assert not result.stopped_early
 
 
-def test_same_seed_same_result(fake):
-    train_set, val_set, spec = fake
-    runs = [train("cnn3", SMALL, train_data=train_set, val_data=val_set, spec=spec, epochs=1,
+def test_same_seed_same_result(fake_data):
+    train_set, val_set, spec = fake_data.train, fake_data.val, fake_data.spec
+    runs = [train("cnn3", SMALL_PARAMS, train_data=train_set, val_data=val_set, spec=spec, epochs=1,
                   seed=5, device="cpu").history[0] for _ in range(2)]
     assert runs[0].train_loss == runs[1].train_loss and runs[0].val_accuracy == runs[1].val_accuracy
 
 
-def test_on_epoch_true_stops_training(fake):
-    train_set, val_set, spec = fake
-    result = train("cnn3", SMALL, train_data=train_set, val_data=val_set, spec=spec, epochs=5,
+def test_on_epoch_true_stops_training(fake_data):
+    train_set, val_set, spec = fake_data.train, fake_data.val, fake_data.spec
+    result = train("cnn3", SMALL_PARAMS, train_data=train_set, val_data=val_set, spec=spec, epochs=5,
                    seed=0, device="cpu", on_epoch=lambda m: m.epoch == 2)
     assert len(result.history) == 2 and result.stopped_early
 
 
-def test_divergence_raises(fake):
-    train_set, val_set, spec = fake
-    params = dict(SMALL, optimizer="sgd", lr=1e6, momentum=0.99, batch_norm=False)
+def test_divergence_raises(fake_data):
+    train_set, val_set, spec = fake_data.train, fake_data.val, fake_data.spec
+    params = dict(SMALL_PARAMS, optimizer="sgd", lr=1e6, momentum=0.99, batch_norm=False)
     with pytest.raises(TrainingDiverged, match="training loss became"):
         train("cnn3", params, train_data=train_set, val_data=val_set, spec=spec, epochs=3,
               seed=0, device="cpu")
@@ -90,12 +81,12 @@ def test_schedules():
 
 
 @pytest.mark.parametrize("params", [
-    {**SMALL, "augment": True, "dropout": 0.3, "schedule": "cosine"},   # random crops, dropout
-    {**SMALL, "optimizer": "sgd", "momentum": 0.9, "schedule": "step", "gamma": 0.5,
+    {**SMALL_PARAMS, "augment": True, "dropout": 0.3, "schedule": "cosine"},   # random crops, dropout
+    {**SMALL_PARAMS, "optimizer": "sgd", "momentum": 0.9, "schedule": "step", "gamma": 0.5,
      "step_size": 1},
 ])
-def test_resuming_from_a_checkpoint_continues_as_if_never_stopped(fake, params):
-    train_set, val_set, spec = fake
+def test_resuming_from_a_checkpoint_continues_as_if_never_stopped(fake_data, params):
+    train_set, val_set, spec = fake_data.train, fake_data.val, fake_data.spec
     kwargs = dict(train_data=train_set, val_data=val_set, spec=spec, epochs=4, seed=3,
                   device="cpu")
     straight = train("cnn3", params, **kwargs).history

@@ -10,21 +10,21 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from conftest import TINY, run_cli
+from conftest import FAKE, TINY, run_cli
 from optuna.trial import TrialState
 
 from search.config.errors import SearchError
 from search.config.settings import load_config
 from search.runner.objective import StopSignal, TrialFailed
-from search.runner.process import run_reserved
-from search.runner.workers import placement
+from search.runner.process import reserve_and_run
+from search.runner.workers import placement, replaced
 
 
 def _run_threads(tmp_path: Path, n_trials: int, threads: int, objective) -> optuna.Study:
-    """`run_reserved` in several threads, each with its own Study object (as separate processes
+    """`reserve_and_run` in several threads, each with its own Study object (as separate processes
     have)."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    config = load_config(["study=cnn3", "dataset=fake", f"storage={storage}", f"n_trials={n_trials}"])
+    config = load_config([*FAKE, f"storage={storage}", f"n_trials={n_trials}"])
     optuna.create_study(study_name=config.study_name, storage=storage, direction="maximize")
     since = datetime.now()
     errors: list[BaseException] = []
@@ -33,7 +33,7 @@ def _run_threads(tmp_path: Path, n_trials: int, threads: int, objective) -> optu
         try:
             study = optuna.load_study(study_name=config.study_name, storage=storage,
                                       sampler=optuna.samplers.RandomSampler(seed=index))
-            run_reserved(study, objective, config, stop=StopSignal(), callbacks=[], since=since)
+            reserve_and_run(study, objective, config, stop=StopSignal(), callbacks=[], since=since)
         except BaseException as error:  # noqa: BLE001 - reported by the test below
             errors.append(error)
 
@@ -70,7 +70,8 @@ def test_gpu_slots_give_each_process_its_own_gpu():
     plan = placement(config)
     assert [env["CUDA_VISIBLE_DEVICES"] for env, _ in plan] == ["0", "1", "0", "1"]
     # A worker's config (the main command's words and its own) trains on the one GPU it sees.
-    worker = load_config(["study=cnn3", "gpus=0,1", "workers_per_gpu=2", "n_trials=8", *plan[1][1]])
+    worker = load_config(replaced(["study=cnn3", "gpus=0,1", "workers_per_gpu=2", "n_trials=8"],
+                                  plan[1][1]))
     assert (worker.gpus, worker.device, worker.workers) == (None, "cuda:0", 4)
     assert placement(load_config(["study=cnn3", "workers=3", "n_trials=8"])) == [({}, [])] * 3
     with pytest.raises(SearchError, match="len\\(gpus\\) x workers_per_gpu = 4"):
@@ -81,7 +82,7 @@ def test_gpu_slots_give_each_process_its_own_gpu():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
 def test_gpus_without_cuda_are_refused_before_anything_is_written(tmp_path: Path) -> None:
-    result = run_cli("search.run", "study=cnn3", *TINY, "gpus=0,1", "n_trials=4",
+    result = run_cli("search.run", *TINY, "gpus=0,1", "n_trials=4",
                      f"storage=sqlite:///{tmp_path}/o.db", cwd=tmp_path)
     assert result.returncode == 2 and "gpus=0,1: CUDA is not available" in result.stderr
     assert not (tmp_path / "o.db").exists()

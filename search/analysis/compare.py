@@ -19,6 +19,7 @@ from search.analysis.render import (
     to_html,
     to_markdown,
 )
+from search.storage.trials import TrialAttr
 
 
 def comparison_table(reports: Sequence[StudyReport]) -> pd.DataFrame:
@@ -40,8 +41,8 @@ def comparison_table(reports: Sequence[StudyReport]) -> pd.DataFrame:
             "test_accuracy_mean": rank1.mean if rank1 else None,
             "test_accuracy_std": rank1.std if rank1 else None,
             "baseline test_accuracy_mean": baseline.mean if baseline else None,
-            "parameter_count": best.user_attrs.get("parameter_count") if best else None,
-            "best trial train_seconds": best.user_attrs.get("train_seconds") if best else None,
+            "parameter_count": best.user_attrs.get(TrialAttr.PARAMETER_COUNT) if best else None,
+            "best trial train_seconds": best.user_attrs.get(TrialAttr.TRAIN_SECONDS) if best else None,
             "search wall_seconds": round(summary.wall_seconds, 1),
             "report": f"../{report.folder.name}/report.md",
         })

@@ -15,7 +15,7 @@ from search.analysis import figures, final_tables, tables
 from search.analysis.final_models import (
     FinalEvaluation,
     FinalResult,
-    FinalRunHook,
+    FinalTrainingHook,
     final_evaluation,
 )
 from search.analysis.render import (
@@ -31,8 +31,8 @@ from search.analysis.render import (
 )
 from search.config.errors import SearchError, first_line
 from search.config.settings import StudyConfig, to_yaml
-from search.config.urls import masked
 from search.storage.reading import StudySource, location_args, retrain_command
+from search.storage.trials import TrialAttr
 from search.training.images import DATASETS
 from search.training.loop import resolve_device
 
@@ -236,7 +236,7 @@ def _final_entries(study, retrain: int) -> list[tuple[str, FrozenTrial]]:
     chosen = {t.number for t in top}
     baselines = [t for t in tables.baseline_trials(study) if t.params]
     for trial in baselines:
-        label = "baseline" if len(baselines) == 1 else f"baseline {trial.user_attrs['baseline']}"
+        label = "baseline" if len(baselines) == 1 else f"baseline {trial.user_attrs[TrialAttr.BASELINE]}"
         if trial.number in chosen:
             entries = [(f"{name} = {label}" if t.number == trial.number else name, t)
                        for name, t in entries]
@@ -260,7 +260,7 @@ def significance(best: FinalResult, baseline: FinalResult) -> str:
 
 
 def _final_blocks(study, config: StudyConfig, options: ReportOptions, drawer: _Figures,
-                  on_final_run: FinalRunHook | None,
+                  on_final_run: FinalTrainingHook | None,
                   log: Callable[[str], None]) -> tuple[list[Block], FinalEvaluation | None]:
     blocks: list[Block] = [Heading("Final evaluation on the test set")]
     if not options.retrain:
@@ -314,7 +314,7 @@ def _final_blocks(study, config: StudyConfig, options: ReportOptions, drawer: _F
 # ---------------------------------------------------------------- the whole report
 
 def write_report(source: StudySource, options: ReportOptions, *,
-                 on_final_run: FinalRunHook | None = None,
+                 on_final_run: FinalTrainingHook | None = None,
                  log: Callable[[str], None] = print) -> StudyReport:
     """Writes `<out>/<study_name>/` and returns what was written.
 
@@ -325,7 +325,7 @@ def write_report(source: StudySource, options: ReportOptions, *,
     summary = tables.summarize(study, config)
     if summary.finished == 0:
         counts = ", ".join(f"{n} {s}" for s, n in summary.counts.items()) or "no trials"
-        raise SearchError(f"study '{study.study_name}' in {masked(config.storage)} has no finished trial yet "
+        raise SearchError(f"study '{study.study_name}' in {config.storage} has no finished trial yet "
                           f"({counts}); a report needs at least one complete or pruned trial. "
                           f"Run or resume it: python -m search.run {location_args(config)}")
     folder = options.out / study.study_name
@@ -335,7 +335,7 @@ def write_report(source: StudySource, options: ReportOptions, *,
 
     blocks: list[Block] = [
         Heading(f"Hyperparameter search: `{study.study_name}` ({config.model} on {config.dataset})", 1),
-        Text(f"Generated {tables.now()} from `{masked(config.storage)}`, study `{study.study_name}`. "
+        Text(f"Generated {tables.now()} from `{config.storage}`, study `{study.study_name}`. "
              "Every trial is in `trials.csv` (one row per trial, with its parameters and "
              "learning curve)."),
     ]

@@ -20,8 +20,8 @@ from optuna.trial import FrozenTrial, TrialState
 from search.config.errors import SearchError
 from search.config.params import format_params
 from search.config.settings import StudyConfig
-from search.config.space import trial_params
 from search.storage.reading import StudySource
+from search.storage.trials import TrialAttr, params_of
 from search.training.augment import BatchLoader
 from search.training.images import (
     DATASETS,
@@ -40,14 +40,14 @@ from search.training.loop import (
 )
 from search.training.results import (
     EpochMetrics,
-    FinalRun,
+    FinalTraining,
     TrainResult,
     mean_and_std,
     repeat_seed,
 )
 
 MAX_TSNE_POINTS = 1000
-FinalRunHook = Callable[[FinalRun], None]
+FinalTrainingHook = Callable[[FinalTraining], None]
 
 
 def retrain(config: StudyConfig, params: dict[str, Any], *, train_data: ImageSet,
@@ -101,7 +101,7 @@ class FinalEvaluation(NamedTuple):
 
 
 def final_evaluation(config: StudyConfig, entries: Sequence[tuple[str, FrozenTrial]], *,
-                     seeds: int, device: torch.device, on_run: FinalRunHook | None = None,
+                     seeds: int, device: torch.device, on_run: FinalTrainingHook | None = None,
                      log: Callable[[str], None] = print,
                      with_predictions: bool = True) -> FinalEvaluation:
     """Retrains each (label, trial) on train + validation for `config.epochs` with `seeds`
@@ -115,10 +115,10 @@ def final_evaluation(config: StudyConfig, entries: Sequence[tuple[str, FrozenTri
     test_loader = _eval_loader(test, spec, device)
     results, predictions = [], None
     for label, trial in entries:
-        params = trial_params(trial, config.space)
+        params = params_of(trial, config.space)
         accuracies, seconds = [], []
         for repeat in range(seeds):
-            seed = repeat_seed(config.seed, trial.number, repeat, trial.user_attrs.get("seed"))
+            seed = repeat_seed(config.seed, trial.number, repeat, trial.user_attrs.get(TrialAttr.SEED))
             started = time.perf_counter()
             result = retrain(config, params, train_data=full_train, val_data=None, spec=spec,
                              seed=seed, device=device)
@@ -128,7 +128,7 @@ def final_evaluation(config: StudyConfig, entries: Sequence[tuple[str, FrozenTri
             log(f"final: {label} (trial {trial.number}) seed {repeat + 1}/{seeds}: "
                 f"test accuracy {test_accuracy:.4f} ({seconds[-1]:.0f} s)")
             if on_run is not None:
-                on_run(FinalRun(config.study_name, label, trial.number, repeat, seed, params,
+                on_run(FinalTraining(config.study_name, label, trial.number, repeat, seed, params,
                                 config.epochs, test_accuracy, test_loss, seconds[-1],
                                 result.parameter_count, result.history))
             if with_predictions and predictions is None:
@@ -188,24 +188,24 @@ def describe(trial: FrozenTrial) -> str:
     """How the search left a trial, in words: its state and last validation accuracy."""
     state = trial.state.name.lower()
     if trial.state == TrialState.COMPLETE:
-        epochs = trial.user_attrs.get("epochs_run", len(trial.intermediate_values))
+        epochs = trial.user_attrs.get(TrialAttr.EPOCHS_RUN, len(trial.intermediate_values))
         return f"{state}, validation accuracy {trial.value:.4f} after {epochs} epochs"
     if trial.intermediate_values:
         last = max(trial.intermediate_values)
         text = f"{state} after epoch {last} at validation accuracy {trial.intermediate_values[last]:.4f}"
     else:
         text = state
-    reason = trial.user_attrs.get("fail_reason")
+    reason = trial.user_attrs.get(TrialAttr.FAIL_REASON)
     return text + (f" ({reason})" if reason else "")
 
 
 def retrain_trial(source: StudySource, number: int, *, seeds: int = 1, full: bool = False,
-                  on_final_run: FinalRunHook | None = None,
+                  on_final_run: FinalTrainingHook | None = None,
                   log: Callable[[str], None] = print) -> RetrainOutcome:
     """Trains trial `number`'s configuration `seeds` times for the study's full epoch budget."""
     config, trial = source.config, find_trial(source, number)
     device = resolve_device(config.device)
-    params = trial_params(trial, config.space)
+    params = params_of(trial, config.space)
     log(f"Trial {trial.number} of study '{source.study.study_name}' ({describe(trial)}): "
         f"{config.model} on {config.dataset}, {config.epochs} epochs, device {device}")
     log(f"  params: {format_params(params, limit=99)}")
@@ -219,7 +219,7 @@ def retrain_trial(source: StudySource, number: int, *, seeds: int = 1, full: boo
                             seed=config.seed)
     accuracies, histories = [], []
     for repeat in range(seeds):
-        seed = repeat_seed(config.seed, trial.number, repeat, trial.user_attrs.get("seed"))
+        seed = repeat_seed(config.seed, trial.number, repeat, trial.user_attrs.get(TrialAttr.SEED))
 
         def on_epoch(metrics: EpochMetrics) -> bool:
             recorded = trial.intermediate_values.get(metrics.epoch)

@@ -17,27 +17,27 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.config.params import PARAMS
 from search.config.settings import StudyConfig
-from search.config.space import trial_params
 from search.storage.reading import retrain_command
-from search.storage.studies import FINISHED, OVER_BUDGET_ATTR
-from search.storage.studies import counts as counts_toward
+from search.storage.trials import FINISHED, TrialAttr, counts_toward_n_trials, params_of
 
 # "Within 1% of the best": one percentage point of validation accuracy.
 COST_TOLERANCE = 0.01
 # Columns of trials.csv that come from the objective's user attrs, in reading order.
-ATTR_COLUMNS = ("epochs_run", "best_epoch", "best_val_accuracy", "parameter_count",
-                "seconds_per_epoch", "images_per_second", "train_seconds", "pruned_at_epoch",
-                "fail_reason", "baseline")
+ATTR_COLUMNS = tuple(map(str, (
+    TrialAttr.EPOCHS_RUN, TrialAttr.BEST_EPOCH, TrialAttr.BEST_VAL_ACCURACY,
+    TrialAttr.PARAMETER_COUNT, TrialAttr.SECONDS_PER_EPOCH, TrialAttr.IMAGES_PER_SECOND,
+    TrialAttr.TRAIN_SECONDS, TrialAttr.PRUNED_AT_EPOCH, TrialAttr.FAIL_REASON,
+    TrialAttr.BASELINE)))
 
 
 def epochs_run(trial: FrozenTrial) -> int:
     """Epochs the trial trained (the recorded count, else the epochs it reported)."""
-    recorded = trial.user_attrs.get("epochs_run")
+    recorded = trial.user_attrs.get(TrialAttr.EPOCHS_RUN)
     return int(recorded) if recorded is not None else len(trial.intermediate_values)
 
 
 def is_baseline(trial: FrozenTrial) -> bool:
-    return trial.user_attrs.get("baseline") is not None
+    return trial.user_attrs.get(TrialAttr.BASELINE) is not None
 
 
 def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -99,11 +99,11 @@ def summarize(study: optuna.Study, config: StudyConfig) -> Summary:
     trials = study.get_trials(deepcopy=False)
     order = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING,
              TrialState.WAITING)
-    over = [t for t in trials if OVER_BUDGET_ATTR in t.user_attrs]  # never trained
+    over = [t for t in trials if TrialAttr.OVER_BUDGET in t.user_attrs]  # never trained
     counts = {state.name.lower(): sum(t.state == state and t not in over for t in trials)
               for state in order}
     counts["over max_params (not trained)"] = len(over)
-    finished = [t for t in trials if counts_toward(t)]
+    finished = [t for t in trials if counts_toward_n_trials(t)]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = max(complete, key=lambda t: t.value) if complete else None
     starts = [t.datetime_start for t in trials if t.datetime_start]
@@ -138,7 +138,7 @@ def trials_frame(study: optuna.Study, config: StudyConfig) -> pd.DataFrame:
     frame["epochs_run"] = [epochs_run(t) for t in trials]
     frame["baseline"] = [is_baseline(t) for t in trials]
     frame["learning_curve"] = [json.dumps(_curve(t)[1]) for t in trials]
-    params = [trial_params(t, config.space) if t.params else {} for t in trials]
+    params = [params_of(t, config.space) if t.params else {} for t in trials]
     names = [spec.name for spec in config.space] + sorted({k for p in params for k in p}
                                                           - {s.name for s in config.space})
     for name in names:
@@ -163,14 +163,14 @@ def baseline_trials(study: optuna.Study) -> list[FrozenTrial]:
     latest: dict[Any, FrozenTrial] = {}
     for trial in study.get_trials(deepcopy=False):
         if is_baseline(trial) and trial.state != TrialState.WAITING:
-            index = trial.user_attrs["baseline"]
+            index = trial.user_attrs[TrialAttr.BASELINE]
             if index not in latest or trial.state in FINISHED:
                 latest[index] = trial
     return [latest[index] for index in sorted(latest)]
 
 
 def _seconds(trial: FrozenTrial) -> float | None:
-    seconds = trial.user_attrs.get("train_seconds")
+    seconds = trial.user_attrs.get(TrialAttr.TRAIN_SECONDS)
     if seconds is None and trial.duration is not None:
         seconds = trial.duration.total_seconds()
     return seconds
@@ -182,7 +182,7 @@ def top_table(top: list[FrozenTrial], baselines: list[FrozenTrial],
     baseline's row, each with the command that trains that configuration again."""
     rows = []
     entries = [(f"{rank}", t) for rank, t in enumerate(top, 1)]
-    entries += [("baseline" if len(baselines) == 1 else f"baseline {t.user_attrs['baseline']}", t)
+    entries += [("baseline" if len(baselines) == 1 else f"baseline {t.user_attrs[TrialAttr.BASELINE]}", t)
                 for t in baselines]
     for rank, trial in entries:
         value = trial.value if trial.state == TrialState.COMPLETE else None
@@ -193,10 +193,10 @@ def top_table(top: list[FrozenTrial], baselines: list[FrozenTrial],
             "trial": trial.number,
             "state": trial.state.name.lower(),
             "val_accuracy": value,
-            "best_val_accuracy": trial.user_attrs.get("best_val_accuracy"),
-            "best_epoch": trial.user_attrs.get("best_epoch"),
+            "best_val_accuracy": trial.user_attrs.get(TrialAttr.BEST_VAL_ACCURACY),
+            "best_epoch": trial.user_attrs.get(TrialAttr.BEST_EPOCH),
             "epochs_run": epochs_run(trial),
-            "parameter_count": trial.user_attrs.get("parameter_count"),
+            "parameter_count": trial.user_attrs.get(TrialAttr.PARAMETER_COUNT),
             "train_seconds": _seconds(trial),
             "command": retrain_command(config, trial.number),
         })
@@ -207,7 +207,7 @@ def params_table(trials: list[FrozenTrial], config: StudyConfig,
                  labels: list[str]) -> pd.DataFrame:
     """Parameters as rows, one column per trial (labelled), so a wide space stays readable;
     a parameter a trial did not use (an inactive conditional) is empty."""
-    params = [trial_params(t, config.space) for t in trials]
+    params = [params_of(t, config.space) for t in trials]
     names = [spec.name for spec in config.space]
     names += sorted({k for p in params for k in p} - set(names))
     table = pd.DataFrame({label: [p.get(name) for name in names]
@@ -341,8 +341,8 @@ class SizeFrontier(NamedTuple):
 
 def size_frontier(study: optuna.Study, config: StudyConfig) -> SizeFrontier | None:
     """None when no complete trial recorded its size."""
-    sized = sorted(((t.user_attrs["parameter_count"], -t.value, t.number)
-                    for t in complete_trials(study) if "parameter_count" in t.user_attrs))
+    sized = sorted(((t.user_attrs[TrialAttr.PARAMETER_COUNT], -t.value, t.number)
+                    for t in complete_trials(study) if TrialAttr.PARAMETER_COUNT in t.user_attrs))
     if not sized:
         return None
     pareto, best = [], float("-inf")

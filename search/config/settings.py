@@ -30,12 +30,10 @@ from search.config.datasets import DATASETS, DEFAULT_DATA_DIR
 from search.config.errors import SearchError, shown
 from search.config.params import MODELS, known_params
 from search.config.space import ParamSpec, check_baseline, parse_space
-from search.config.urls import masked
+from search.config.urls import DEFAULTS, StoreUrl
 
 SAMPLERS = ("tpe", "random", "gp")
 PRUNERS = ("hyperband", "median", "successive_halving", "patient", "none")
-DEFAULT_STORAGE = "sqlite:///mlruns/optuna.db"
-DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 MAX_SEED = 2**31 - 1  # numpy's and Optuna's samplers take 32-bit seeds; trial seeds add to it
 
 
@@ -157,12 +155,12 @@ SETTINGS: dict[str, Setting] = {
     "workers_per_gpu": Setting(1, "trial processes per GPU with gpus= (default: 1)",
                                whole(1, 64, what="a whole number of processes")),
     "storage": Setting(None, f"Optuna storage URL (default: $SEARCH_STORAGE, else "
-                             f"{DEFAULT_STORAGE})",
+                             f"{DEFAULTS['storage']})",
                        optional(text("an Optuna storage URL such as sqlite:///path/to.db"))),
     "study_name": Setting(None, "name in the storage (default: the study file's name)",
                           optional(text("a non-empty name"))),
     "tracking_uri": Setting(None, f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
-                            f"{DEFAULT_TRACKING_URI}); none = off",
+                            f"{DEFAULTS['tracking_uri']}); none = off",
                             optional(text("an MLflow tracking URI or 'none'"))),
     "max_params": Setting(None, "size budget: a sampled model with more parameters is never "
                                 "trained and does not count toward n_trials; the sampler learns "
@@ -236,9 +234,9 @@ class StudyConfig:
     workers: int
     gpus: tuple[int, ...] | None
     workers_per_gpu: int
-    storage: str
+    storage: StoreUrl
     study_name: str
-    tracking_uri: str
+    tracking_uri: StoreUrl
     max_params: int | None
     warm_start: tuple[str, ...] | None
     warm_start_top_k: int
@@ -253,7 +251,7 @@ class StudyConfig:
 
     @property
     def tracking_enabled(self) -> bool:
-        return self.tracking_uri.lower() != "none"
+        return not self.tracking_uri.is_off
 
     def fingerprint_source(self) -> dict[str, Any]:
         """The values that must not change when a study is resumed."""
@@ -466,9 +464,10 @@ def build_config(tree: dict[str, Any]) -> StudyConfig:
     baselines, skipped = _check_baselines(tree["baselines"], space)
     values["study_name"] = values["study_name"] or tree["study"]
     # URLs with credentials can stay out of the command line (and shell history).
-    values["storage"] = values["storage"] or os.environ.get("SEARCH_STORAGE") or DEFAULT_STORAGE
-    values["tracking_uri"] = (values["tracking_uri"] or os.environ.get("MLFLOW_TRACKING_URI")
-                              or DEFAULT_TRACKING_URI)
+    values["storage"] = StoreUrl(values["storage"] or os.environ.get("SEARCH_STORAGE")
+                                 or DEFAULTS["storage"], "storage")
+    values["tracking_uri"] = StoreUrl(values["tracking_uri"] or os.environ.get("MLFLOW_TRACKING_URI")
+                                      or DEFAULTS["tracking_uri"], "tracking_uri")
     if values["gpus"] is not None:
         slots = len(values["gpus"]) * values["workers_per_gpu"]
         if values["workers"] not in (1, slots):
@@ -501,7 +500,7 @@ def shown_tree(config: StudyConfig) -> dict[str, Any]:
     URLs masked (the study's user attributes, config.yaml and --cfg are readable by others)."""
     tree = dict(config.raw)
     tree["study_name"] = config.study_name
-    tree["storage"], tree["tracking_uri"] = masked(config.storage), masked(config.tracking_uri)
+    tree["storage"], tree["tracking_uri"] = str(config.storage), str(config.tracking_uri)
     return tree
 
 

@@ -1,5 +1,5 @@
-"""The search space as data: YAML entries become `ParamSpec`s, and one function turns them into
-`trial.suggest_*` calls, so no space is ever written in Python.
+"""The search space as data: YAML entries become `ParamSpec`s, and one walk (`walk`) turns them
+into `trial.suggest_*` calls, so no space is ever written in Python.
 
 An entry is a distribution (`float`, `int`, `categorical`) or a fixed value, optionally active only
 when an earlier parameter has one of some values (`when: {optimizer: [sgd, rmsprop]}`), which is how
@@ -9,12 +9,11 @@ an optimizer's own parameters (SGD's momentum, Adam's betas) appear only where t
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial
 
 from search.config.errors import SearchError, shown
 from search.config.params import ALIASES, PARAMS, Param, is_finite, known_params
@@ -84,6 +83,14 @@ class ParamSpec:
         except ValueError:
             return False
         return low <= value <= high
+
+    def suggest(self, trial: optuna.Trial, params: Mapping[str, Any]) -> Any:
+        """The entry's `trial.suggest_*` call (never a fixed one: `walk` sets those itself)."""
+        if self.kind == "categorical":
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.kind == "int":
+            return trial.suggest_int(self.name, *self.bounds(params), step=self.step or 1, log=self.log)
+        return trial.suggest_float(self.name, *self.bounds(params), step=self.step, log=self.log)
 
     def describe(self) -> str:
         """A short human-readable form, for --help, the report and the dashboard note."""
@@ -307,23 +314,27 @@ def _check_values(spec: ParamSpec, param: Param) -> None:
                                    f"({param.help}).")
 
 
-def suggest(trial: optuna.Trial, space: Sequence[ParamSpec]) -> dict[str, Any]:
-    """Samples a trial's parameters in space order; inactive conditionals are left out."""
+LEFT_OUT: Any = object()  # what `choose` returns for a parameter a sampler will pick later
+
+
+def walk(space: Sequence[ParamSpec], choose: Callable[[ParamSpec, dict], Any]) -> dict[str, Any]:
+    """The active parameters in space order: fixed ones at their value, the others at
+    `choose(spec, params_so_far)` unless that is `LEFT_OUT` (left for a sampler to pick later).
+
+    The one walk over the conditional space: sampling, baseline checks, warm starts and the dry
+    run differ only in `choose`, so they cannot disagree about which parameters are active."""
     params: dict[str, Any] = {}
     for spec in space:
-        if not spec.is_active(params):
-            continue
-        if spec.kind == "fixed":
-            params[spec.name] = spec.value
-        elif spec.kind == "categorical":
-            params[spec.name] = trial.suggest_categorical(spec.name, list(spec.choices))
-        elif spec.kind == "int":
-            params[spec.name] = trial.suggest_int(
-                spec.name, *spec.bounds(params), step=spec.step or 1, log=spec.log)
-        else:
-            params[spec.name] = trial.suggest_float(
-                spec.name, *spec.bounds(params), step=spec.step, log=spec.log)
+        if spec.is_active(params):
+            value = spec.value if spec.kind == "fixed" else choose(spec, params)
+            if value is not LEFT_OUT:
+                params[spec.name] = value
     return params
+
+
+def suggest(trial: optuna.Trial, space: Sequence[ParamSpec]) -> dict[str, Any]:
+    """Samples a trial's parameters in space order; inactive conditionals are left out."""
+    return walk(space, lambda spec, params: spec.suggest(trial, params))
 
 
 def check_baseline(index: int, baseline: Mapping[str, Any], space: Sequence[ParamSpec]) -> str | None:
@@ -331,24 +342,20 @@ def check_baseline(index: int, baseline: Mapping[str, Any], space: Sequence[Para
 
     Params a baseline leaves out are sampled; params it sets must be active and in range.
     """
-    by_name = {spec.name: spec for spec in space}
-    unknown = [k for k in baseline if k not in by_name]
+    unknown = [k for k in baseline if k not in {spec.name for spec in space}]
     if unknown:
         return f"baseline {index} sets '{unknown[0]}', which is not in the space"
-    resolved: dict[str, Any] = {}
-    for spec in space:
-        if not spec.is_active(resolved):
-            if spec.name in baseline:
-                return f"baseline {index} sets '{spec.name}', which is inactive for it"
-            continue
-        if spec.kind == "fixed":
-            resolved[spec.name] = spec.value
-            if spec.name in baseline and baseline[spec.name] != spec.value:
-                return f"baseline {index} has {spec.name}={baseline[spec.name]!r}, but it is fixed to {spec.value!r}"
-        elif spec.name in baseline:
-            if not spec.contains(baseline[spec.name], resolved):
-                return f"baseline {index} has {spec.name}={baseline[spec.name]!r}, outside {spec.describe()}"
-            resolved[spec.name] = baseline[spec.name]
+    # The walk takes the baseline's values as they are; up to its first misfit (the one
+    # reported) they are the values the trial would have, so activity is decided as in a trial.
+    params = walk(space, lambda spec, _: baseline.get(spec.name, LEFT_OUT))
+    for spec in (s for s in space if s.name in baseline):
+        value = baseline[spec.name]
+        if spec.name not in params:
+            return f"baseline {index} sets '{spec.name}', which is inactive for it"
+        if spec.kind == "fixed" and value != spec.value:
+            return f"baseline {index} has {spec.name}={value!r}, but it is fixed to {spec.value!r}"
+        if not spec.contains(value, params):
+            return f"baseline {index} has {spec.name}={value!r}, outside {spec.describe()}"
     return None
 
 
@@ -356,19 +363,3 @@ def searched_params(baseline: Mapping[str, Any], space: Sequence[ParamSpec]) -> 
     """The part of a baseline that Optuna must be told (fixed values are not Optuna params)."""
     fixed = {spec.name for spec in space if spec.kind == "fixed"}
     return {k: v for k, v in baseline.items() if k not in fixed}
-
-
-def trial_params(trial: FrozenTrial, space: Sequence[ParamSpec]) -> dict[str, Any]:
-    """The full parameter dict a finished trial trained with, fixed values and conditionals
-    included: the space replayed on the trial's own values, as the objective did.
-
-    Falls back to the stored params plus the recorded fixed values when the trial does not fit
-    the space (a study run under an older space).
-    """
-    try:
-        return suggest(optuna.trial.FixedTrial(dict(trial.params), trial.number), space)
-    except ValueError:
-        params = {**trial.user_attrs.get("fixed_params", {}), **trial.params}
-        fixed = {spec.name: spec.value for spec in space
-                 if spec.kind == "fixed" and spec.is_active(params)}
-        return {**fixed, **params}

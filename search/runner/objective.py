@@ -20,7 +20,7 @@ import torch
 from search.config.settings import StudyConfig
 from search.config.space import suggest
 from search.storage.checkpoints import Checkpoints
-from search.storage.studies import OVER_BUDGET_ATTR
+from search.storage.trials import TrialAttr
 from search.training.images import SearchData
 from search.training.loop import TrainingDiverged, train
 from search.training.models import model_size
@@ -153,7 +153,7 @@ class Objective:
             params = suggest(trial, self.config.space)
             fixed = {k: v for k, v in params.items() if k not in trial.params}
             if fixed:
-                trial.set_user_attr("fixed_params", fixed)
+                trial.set_user_attr(TrialAttr.FIXED_PARAMS, fixed)
             for observer in self.observers:
                 observer.trial_started(trial, params)
                 observing.append(observer)
@@ -164,13 +164,14 @@ class Objective:
                 trial.set_constraint("max_params", size - budget)
                 if size > budget:
                     # Never trained, and not counted toward n_trials (see search.storage.studies.counts).
-                    attrs = {OVER_BUDGET_ATTR: size, "parameter_count": size, "epochs_run": 0}
+                    attrs = {TrialAttr.OVER_BUDGET: size, TrialAttr.PARAMETER_COUNT: size,
+                             TrialAttr.EPOCHS_RUN: 0}
                     state = optuna.trial.TrialState.PRUNED
                     _record(trial, attrs)
                     raise optuna.TrialPruned(f"{size:,} parameters, over max_params")
             # A retry of a dead trial keeps its seed, and goes on from its last checkpoint.
-            seed = trial.user_attrs.get("seed", trial_seed(self.config.seed, trial.number))
-            trial.set_user_attr("seed", seed)
+            seed = trial.user_attrs.get(TrialAttr.SEED, trial_seed(self.config.seed, trial.number))
+            trial.set_user_attr(TrialAttr.SEED, seed)
             resume = self.checkpoints.resume_state(trial) if self.checkpoints else None
             for metrics in map(lambda m: EpochMetrics(**m), resume["history"] if resume else ()):
                 history.append(metrics)  # the epochs trained before, reported again
@@ -183,9 +184,9 @@ class Objective:
                            checkpoint=self.checkpoints.saver(trial) if self.checkpoints else None)
             attrs = _summary(history, result.parameter_count, time.perf_counter() - started)
             if resume:
-                attrs["resumed_from_epoch"] = resume["epoch"]
+                attrs[TrialAttr.RESUMED_FROM_EPOCH] = resume["epoch"]
             if result.stopped_early:
-                attrs["pruned_at_epoch"] = history[-1].epoch
+                attrs[TrialAttr.PRUNED_AT_EPOCH] = history[-1].epoch
                 state = optuna.trial.TrialState.PRUNED
                 _record(trial, attrs)
                 raise optuna.TrialPruned(f"pruned after epoch {history[-1].epoch}")
@@ -218,7 +219,7 @@ class Objective:
     def _fail(self, trial: optuna.Trial, history: list[EpochMetrics], reason: str,
               started: float) -> dict[str, Any]:
         attrs = _summary(history, None, time.perf_counter() - started)
-        attrs["fail_reason"] = reason
+        attrs[TrialAttr.FAIL_REASON] = reason
         _record(trial, attrs)
         return attrs
 
@@ -241,18 +242,19 @@ def _failure(error: Exception, device: torch.device) -> str:
 
 def _summary(history: list[EpochMetrics], parameter_count: int | None, seconds: float) -> dict[str, Any]:
     """The per-trial facts the report and the dashboard show next to the value."""
-    attrs: dict[str, Any] = {"epochs_run": len(history), "train_seconds": round(seconds, 3)}
+    attrs: dict[str, Any] = {TrialAttr.EPOCHS_RUN: len(history),
+                             TrialAttr.TRAIN_SECONDS: round(seconds, 3)}
     if parameter_count is not None:
-        attrs["parameter_count"] = parameter_count
+        attrs[TrialAttr.PARAMETER_COUNT] = parameter_count
     best = best_of(history)
     if best is not None:
-        attrs["best_epoch"] = best.epoch
-        attrs["best_val_accuracy"] = best.val_accuracy
+        attrs[TrialAttr.BEST_EPOCH] = best.epoch
+        attrs[TrialAttr.BEST_VAL_ACCURACY] = best.val_accuracy
     if history:
-        attrs["seconds_per_epoch"] = sum(m.epoch_seconds for m in history) / len(history)
-        attrs["images_per_second"] = sum(m.images_per_second for m in history) / len(history)
+        attrs[TrialAttr.SECONDS_PER_EPOCH] = sum(m.epoch_seconds for m in history) / len(history)
+        attrs[TrialAttr.IMAGES_PER_SECOND] = sum(m.images_per_second for m in history) / len(history)
         # Every epoch's metrics, so that MLflow runs can be rebuilt from the study (`search.sync`).
-        attrs["epochs"] = [{"epoch": m.epoch, **m.as_dict()} for m in history]
+        attrs[TrialAttr.EPOCHS] = [{"epoch": m.epoch, **m.as_dict()} for m in history]
     return attrs
 
 

@@ -13,7 +13,7 @@ import torch
 from search.config.errors import SearchError
 from search.config.params import format_params
 from search.config.settings import StudyConfig
-from search.storage.studies import check_resume, check_storage, check_warm_start
+from search.storage.checks import check_storage
 from search.training.dry_run import extreme_params
 from search.training.images import SearchData, load_search_data
 from search.training.loop import resolve_device
@@ -31,9 +31,7 @@ def prepare(config: StudyConfig) -> tuple[torch.device, SearchData]:
     check_workers(config, device)
     data = load_search_data(config.dataset, config.data_dir, val_size=config.val_size,
                             seed=config.seed)
-    check_storage(config.storage)
-    check_resume(config)
-    check_warm_start(config)
+    check_storage(config)  # the URL, and an existing study's config and warm starts
     if config.max_params is not None:
         smallest = extreme_params(config.space, largest=False)
         size = model_size(config.model, smallest, data.spec)

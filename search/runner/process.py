@@ -29,19 +29,19 @@ import torch
 from optuna.trial import TrialState
 
 from search.config.settings import StudyConfig
-from search.config.urls import DatabaseLock, masked
 from search.runner.objective import Objective, StopSignal, TrialFailed
 from search.runner.preflight import prepare
+from search.storage.backends import DatabaseLock, artifact_store
 from search.storage.checkpoints import Checkpoints
-from search.storage.recovery import OWNER_ATTR, recover_dead_trials, this_process
-from search.storage.studies import (
+from search.storage.recovery import recover_dead_trials
+from search.storage.studies import open_study
+from search.storage.trials import (
     FINISHED,
-    OVER_BUDGET_ATTR,
+    TrialAttr,
     count_finished,
-    counts,
-    open_study,
+    counts_toward_n_trials,
 )
-from search.tracking.dashboard_artifacts import DashboardArtifacts, artifact_store
+from search.tracking.dashboard_artifacts import DashboardArtifacts
 from search.training.images import SearchData
 
 
@@ -60,7 +60,7 @@ class Session:
     data: SearchData
     study: optuna.Study
     observers: list
-    study_run: object | None          # search.tracking.mlflow_runs.StudyRun when MLflow logging is on
+    study_run: object | None          # search.tracking.mlflow_runs.ParentRun when MLflow logging is on
     created: bool                     # this process created the study
     sampler_seed: int
     started: float = dataclasses.field(default_factory=time.perf_counter)
@@ -86,19 +86,19 @@ class Session:
         config, data = self.config, self.data
         workers = f", {config.workers} worker processes" if config.workers > 1 else ""
         return (f"{'Created' if self.created else 'Resuming'} study '{config.study_name}' in "
-                f"{masked(config.storage)}: {config.model} on {config.dataset} ({len(data.train)} train / "
+                f"{config.storage}: {config.model} on {config.dataset} ({len(data.train)} train / "
                 f"{len(data.val)} val images), {config.epochs} epochs max, "
                 f"{count_finished(self.study)}/{config.n_trials} trials finished, device "
                 f"{self.device}{workers}.")
 
     def run_trials(self, stop: StopSignal, callbacks: list[Callable], *, since: datetime,
                    parent_pid: int | None = None) -> None:
-        """Runs this process's share of the trials (see `run_reserved`)."""
+        """Runs this process's share of the trials (see `reserve_and_run`)."""
         checkpoints = (None if self.config.checkpoint_every is None else
                        Checkpoints(artifact_store(self.config.storage), self.config.checkpoint_every))
         objective = Objective(self.config, self.data, self.device, self.observers, stop,
                               checkpoints)
-        run_reserved(self.study, objective, self.config, stop=stop, callbacks=callbacks,
+        reserve_and_run(self.study, objective, self.config, stop=stop, callbacks=callbacks,
                      since=since, parent_pid=parent_pid, sampler_seed=self.sampler_seed)
 
     def close(self) -> None:
@@ -113,24 +113,28 @@ class Session:
         if self.study_run is not None:
             self.study_run.end(self.study, interrupted)
 
+    @property
+    def experiment_id(self) -> str | None:
+        """The study's MLflow experiment; None when MLflow logging is off."""
+        return None if self.study_run is None else self.study_run.experiment_id
+
 
 def make_observers(config: StudyConfig) -> tuple[object | None, list]:
     """The trial observers of the optional integrations (MLflow, dashboard artifacts)."""
-    observers: list = [DashboardArtifacts(config)]
     if not config.tracking_enabled:
-        return None, observers
+        return None, [DashboardArtifacts(config)]
     from search.tracking.mlflow_runs import (  # mlflow imports take ~2 s
-        StudyRun,
+        ParentRun,
         TrialLogger,
     )
 
-    study_run = StudyRun(config)
-    return study_run, [TrialLogger(study_run), *observers]
+    study_run = ParentRun(config)
+    return study_run, [TrialLogger(study_run), DashboardArtifacts(config, study_run.experiment_id)]
 
 
 # ---------------------------------------------------------------- reserving trials
 
-def run_reserved(study: optuna.Study, objective: Callable[[optuna.Trial], float],
+def reserve_and_run(study: optuna.Study, objective: Callable[[optuna.Trial], float],
                  config: StudyConfig, *, stop: StopSignal, callbacks: list[Callable],
                  since: datetime, parent_pid: int | None = None,
                  sampler_seed: int | None = None) -> None:
@@ -138,11 +142,12 @@ def run_reserved(study: optuna.Study, objective: Callable[[optuna.Trial], float]
     its `n_trials` (or this run's budget is used up, `timeout` passes, or the parent process
     that started this worker is gone).
 
-    The lock is the storage's (`DatabaseLock`: an advisory lock on PostgreSQL, a file lock beside
-    a SQLite file), so processes on any number of machines share it.
+    The lock is the storage's (`DatabaseLock`: an advisory lock on PostgreSQL, a file lock for a
+    SQLite file), so processes on any number of machines share it. The trial's owner is recorded
+    with the trial itself (`search.storage.studies`), so a process killed at any moment leaves
+    a trial that the next one recovers.
     """
     deadline = time.monotonic() + config.timeout if config.timeout else None
-    owner = this_process()
     while deadline is None or time.monotonic() < deadline:
         stop.check()
         if parent_pid is not None and os.getppid() != parent_pid:
@@ -152,10 +157,9 @@ def run_reserved(study: optuna.Study, objective: Callable[[optuna.Trial], float]
                 return
 
             def reserved(trial: optuna.Trial) -> float:
-                trial.set_user_attr(OWNER_ATTR, owner)  # who to ask whether it still runs
                 reservation.release()  # the trial is RUNNING now: others may count it
                 if sampler_seed is not None:
-                    trial.set_user_attr("sampler_seed", sampler_seed)
+                    trial.set_user_attr(TrialAttr.SAMPLER_SEED, sampler_seed)
                 return objective(trial)
 
             study.optimize(reserved, n_trials=1, catch=(TrialFailed,),
@@ -172,10 +176,10 @@ def _room_for_one_more(study: optuna.Study, n_trials: int, since: datetime) -> b
     recover_dead_trials(study)  # trials of processes that died run again
     trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING, TrialState.FAIL))
     recent = [t for t in trials if t.datetime_start is not None and t.datetime_start >= since]
-    if sum(OVER_BUDGET_ATTR in t.user_attrs for t in recent) >= OVER_BUDGET_PER_TRIAL * n_trials:
+    if sum(TrialAttr.OVER_BUDGET in t.user_attrs for t in recent) >= OVER_BUDGET_PER_TRIAL * n_trials:
         print(f"warning: {OVER_BUDGET_PER_TRIAL * n_trials} sampled models were over max_params "
               "in this run; stopping. Raise max_params or narrow the space.", file=sys.stderr)
         return False
-    taken = sum(counts(t) or t.state == TrialState.RUNNING
+    taken = sum(counts_toward_n_trials(t) or t.state == TrialState.RUNNING
                 or (t.state == TrialState.FAIL and t in recent) for t in trials)
     return taken < n_trials

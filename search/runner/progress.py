@@ -12,23 +12,22 @@ from tqdm import tqdm
 from search.config.errors import first_line
 from search.config.params import format_params
 from search.config.settings import StudyConfig
-from search.config.urls import masked
-from search.storage.studies import count_finished, counts
+from search.storage.trials import TrialAttr, count_finished, counts_toward_n_trials
 
 
 def describe_trial(trial: FrozenTrial) -> str:
     """One line: number, state, value, epochs run and key params (and why it failed)."""
     state = trial.state.name.lower()
     value = f"{trial.value:.4f}" if trial.value is not None else "-"
-    epochs = trial.user_attrs.get("epochs_run", "?")
+    epochs = trial.user_attrs.get(TrialAttr.EPOCHS_RUN, "?")
     line = f"trial {trial.number:>3} {state:<8} val_accuracy={value} epochs={epochs}"
-    if trial.user_attrs.get("baseline") is not None:
+    if trial.user_attrs.get(TrialAttr.BASELINE) is not None:
         line += " [baseline]"
     line += "  " + format_params(trial.params)
-    if trial.state == TrialState.FAIL and trial.user_attrs.get("fail_reason"):
-        line += f"  ({trial.user_attrs['fail_reason']})"
-    if "over_budget" in trial.user_attrs:
-        line += f"  (not trained: {trial.user_attrs['over_budget']:,} parameters, over max_params)"
+    if trial.state == TrialState.FAIL and trial.user_attrs.get(TrialAttr.FAIL_REASON):
+        line += f"  ({trial.user_attrs[TrialAttr.FAIL_REASON]})"
+    if TrialAttr.OVER_BUDGET in trial.user_attrs:
+        line += f"  (not trained: {trial.user_attrs[TrialAttr.OVER_BUDGET]:,} parameters, over max_params)"
     return line
 
 
@@ -46,7 +45,7 @@ class Progress:
             print(message, file=sys.stdout, flush=True)
         else:
             self.bar.write(message)
-        if counts(trial):
+        if counts_toward_n_trials(trial):
             self.bar.update(1)
         best = _best_value(study)
         if best is not None:
@@ -81,14 +80,22 @@ class TrialLines:
 def storage_failure(config: StudyConfig, error: BaseException) -> str:
     """One paragraph for a storage that failed mid-run; what was committed stays consistent."""
     cause = getattr(error, "orig", None) or error.__cause__ or error.__context__ or error
-    return (f"error: the storage {masked(config.storage)} failed while the study ran "
+    return (f"error: the storage {config.storage} failed while the study ran "
             f"({first_line(cause)}). Every trial it recorded is intact (a failed write changes "
             "nothing); fix the cause (free disk space, restart the database server), then rerun "
             "the same command: it resumes the study and retries the interrupted trial.")
 
 
-def print_summary(study: optuna.Study, config: StudyConfig) -> int:
-    """The study's trial counts, its best trial and the commands to look further; exit code 0."""
+def print_summary(study: optuna.Study, config: StudyConfig,
+                  experiment_id: str | None = None) -> int:
+    """The study's trial counts, its best trial and the commands to look further; exit code 0.
+
+    Args:
+        study: the study that ran.
+        config: its config.
+        experiment_id: the study's MLflow experiment, whose runs are linked; None when MLflow
+            logging is off, and nothing about MLflow is printed.
+    """
     trials = study.get_trials(deepcopy=False)
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
     print("Trials: " + ", ".join(f"{n} {state}" for state, n in counts.items() if n))
@@ -98,14 +105,17 @@ def print_summary(study: optuna.Study, config: StudyConfig) -> int:
     best = study.best_trial
     print(f"Best: {describe_trial(best)}")
     print(f"  params: {format_params(best.params, limit=99)}")
-    args = f"study={config.study} storage={masked(config.storage)}"
+    args = f"study={config.study} storage={config.storage}"
     if config.study_name != config.study:
         args += f" study_name={config.study_name}"
     print("Next:")
     print(f"  python -m search.dashboard {args}   # optuna-dashboard: trials, curves, importances")
-    if config.tracking_enabled and config.tracking_uri.startswith(("http://", "https://")):
-        print(f"  open {masked(config.tracking_uri)} (MLflow)   # compare runs")
-    elif config.tracking_enabled:
-        print(f"  mlflow ui --backend-store-uri {masked(config.tracking_uri)}   # compare runs")
+    if config.tracking_enabled and experiment_id is not None:
+        from search.tracking.mlflow_runs import ui_access  # mlflow is loaded already
+
+        command, link = ui_access(config.tracking_uri, experiment_id)
+        if command is not None:
+            print(f"  {command}   # serves the MLflow UI; then:")
+        print(f"  open {link}   # MLflow: compare runs")
     print(f"  python -m search.report {args}   # tables, plots, final test accuracy")
     return 0

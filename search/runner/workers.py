@@ -51,6 +51,12 @@ def placement(config: StudyConfig) -> list[tuple[dict[str, str], list[str]]]:
              ["gpus=null", f"workers={config.workers}", "device=cuda:0"]) for gpu in slots]
 
 
+def replaced(overrides: Sequence[str], extra: Sequence[str]) -> list[str]:
+    """The overrides with `extra`'s keys replaced (a key may be given only once)."""
+    keys = {word.partition("=")[0] for word in extra}
+    return [word for word in overrides if word.partition("=")[0] not in keys] + list(extra)
+
+
 class Workers:
     """The N-1 worker processes the main process starts, waits for and stops."""
 
@@ -64,7 +70,7 @@ class Workers:
         for index, (env, extra) in enumerate(placement(self.config)[1:], 1):
             # Own process group: Ctrl-C reaches only the main process, which forwards it once.
             self.processes.append(subprocess.Popen(
-                [*command, str(index), *self.overrides, *extra], process_group=0,
+                [*command, str(index), *replaced(self.overrides, extra)], process_group=0,
                 env={**os.environ, **env}))
 
     def wait(self, stop: StopSignal) -> None:

@@ -20,9 +20,7 @@ from typing import Any
 import optuna
 import torch
 
-from search.storage.recovery import RETRY_OF_ATTR
-
-CHECKPOINT_ATTR = "checkpoint"
+from search.storage.trials import TrialAttr
 
 
 class Checkpoints:
@@ -45,8 +43,8 @@ class Checkpoints:
             buffer.seek(0)
             artifact_id = f"checkpoint-{uuid.uuid4().hex}"
             self.store.write(artifact_id, buffer)
-            previous = trial.user_attrs.get(CHECKPOINT_ATTR)
-            trial.set_user_attr(CHECKPOINT_ATTR, {"id": artifact_id, "epoch": snapshot["epoch"]})
+            previous = trial.user_attrs.get(TrialAttr.CHECKPOINT)
+            trial.set_user_attr(TrialAttr.CHECKPOINT, {"id": artifact_id, "epoch": snapshot["epoch"]})
             self._remove(previous)  # only after the new one is named: never without one
             last = time.monotonic()
 
@@ -55,7 +53,7 @@ class Checkpoints:
     def resume_state(self, trial: optuna.Trial) -> dict[str, Any] | None:
         """The last checkpoint of the trial this one retries, if it has a readable one."""
         original = self._original(trial)
-        meta = original.user_attrs.get(CHECKPOINT_ATTR) if original else None
+        meta = original.user_attrs.get(TrialAttr.CHECKPOINT) if original else None
         if not isinstance(meta, dict):
             return None
         try:
@@ -67,14 +65,14 @@ class Checkpoints:
 
     def discard(self, trial: optuna.Trial) -> None:
         """Removes the checkpoints of an ended trial and of the trial it retried."""
-        self._remove(trial.user_attrs.get(CHECKPOINT_ATTR))
+        self._remove(trial.user_attrs.get(TrialAttr.CHECKPOINT))
         original = self._original(trial)
         if original is not None:
-            self._remove(original.user_attrs.get(CHECKPOINT_ATTR))
+            self._remove(original.user_attrs.get(TrialAttr.CHECKPOINT))
 
     @staticmethod
     def _original(trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
-        number = trial.user_attrs.get(RETRY_OF_ATTR)
+        number = trial.user_attrs.get(TrialAttr.RETRY_OF)
         if number is None:
             return None
         return next((t for t in trial.study.get_trials(deepcopy=False) if t.number == number), None)

@@ -14,16 +14,11 @@ from typing import Any, NamedTuple
 
 import optuna
 
-from search.config.errors import SearchError
-from search.config.settings import (
-    DEFAULT_STORAGE,
-    SETTINGS,
-    StudyConfig,
-    build_config,
-    resolve_tree,
-)
-from search.config.urls import masked
-from search.storage.studies import open_existing
+from search.config.errors import SearchError, first_line
+from search.config.settings import SETTINGS, StudyConfig, build_config, resolve_tree
+from search.config.urls import StoreUrl, check_writable, masked
+from search.storage.checks import table_names
+from search.storage.trials import StudyAttr
 
 # Keys that say where things are on this machine, not what the study is: a user may point
 # them elsewhere when reading a study (another data folder, another device, another MLflow).
@@ -55,25 +50,52 @@ def open_source(overrides: dict[str, Any]) -> StudySource:
             f"values the study stored); allowed here: {', '.join(LOCATION_KEYS)}.")
     current = build_config(resolve_tree(list(overrides.items())))
     study, _ = load_stored_study(current.storage, current.study_name)
-    stored = study.user_attrs.get("config")
+    stored = study.user_attrs.get(StudyAttr.CONFIG)
     if not isinstance(stored, dict):
         return StudySource(current, study, config_from_storage=False)
     # Keys a study stored that today's config no longer has (e.g. `direction`) are dropped.
     tree = {**current.raw, **{k: v for k, v in stored.items() if k in SETTINGS}}
-    tree["storage"], tree["study_name"] = current.storage, current.study_name
+    tree["storage"], tree["study_name"] = current.storage.raw, current.study_name
     for key in LOCAL_KEYS:
         if key in overrides:
             tree[key] = current.raw[key]
     return StudySource(build_config(tree), study)
 
 
-def load_stored_study(url: str, name: str) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
-    """A study that must exist, from a storage opened for reading (`study.open_existing`)."""
+def open_existing(url: StoreUrl) -> tuple[optuna.storages.RDBStorage, list[str]]:
+    """Opens a storage that must already exist, for reading: nothing is created or written.
+    Returns it and the names of its studies (reading them proves it is an Optuna storage).
+
+    A SQLite file whose folder cannot be written (a read-only mount, a copy on a CD) is opened
+    as immutable, since SQLite would otherwise need to write its shared-memory file to read.
+    """
+    raw, database = url.raw, url.sqlite_file
+    if database is not None:
+        if not database.is_file():
+            default = " (the default storage)" if url.is_default else ""
+            raise SearchError(f"{url.key}={url}{default}: no such database file "
+                              f"{str(database)!r}; pass the storage= that search.run used.")
+        try:
+            check_writable(database.resolve().parent, url.key, url)
+        except SearchError:
+            raw = f"sqlite:///file:{database.resolve()}?immutable=1&uri=true"
+    else:
+        table_names(url)  # the server answers
+    try:
+        storage = optuna.storages.RDBStorage(raw, skip_table_creation=True)
+        return storage, optuna.get_all_study_names(storage)
+    except Exception as error:  # noqa: BLE001 - any driver/schema error: not a usable storage
+        raise SearchError(f"{url.key}={url}: cannot be read as an Optuna storage "
+                          f"({masked(first_line(error))}).") from None
+
+
+def load_stored_study(url: StoreUrl, name: str) -> tuple[optuna.Study, optuna.storages.RDBStorage]:
+    """A study that must exist, from a storage opened for reading (`open_existing`)."""
     storage, names = open_existing(url)
     if name not in names:
         hint = difflib.get_close_matches(name, names, n=1)
         raise SearchError(
-            f"no study named '{name}' in {masked(url)}" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+            f"no study named '{name}' in {url}" + (f" (did you mean '{hint[0]}'?)" if hint else "")
             + f". Studies there: {', '.join(names) or 'none'}. Pass storage=URL and/or "
             "study_name=NAME as given to search.run.")
     return optuna.load_study(study_name=name, storage=storage), storage
@@ -82,8 +104,8 @@ def load_stored_study(url: str, name: str) -> tuple[optuna.Study, optuna.storage
 def location_args(config: StudyConfig) -> str:
     """`study=... [storage=...] [study_name=...]`: the words that find this study again."""
     words = [f"study={config.study}"]
-    if config.storage != DEFAULT_STORAGE:
-        words.append(f"storage={masked(config.storage)}")
+    if not config.storage.is_default:
+        words.append(f"storage={config.storage}")
     if config.study_name != config.study:
         words.append(f"study_name={config.study_name}")
     return " ".join(words)

@@ -21,9 +21,7 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
-OWNER_ATTR = "owner"          # {"host", "pid", "started"} of the process running the trial
-RETRY_OF_ATTR = "retry_of"    # the number of the trial a retry repeats
-KEPT_ATTRS = ("baseline", "seed")  # what a retry inherits from the trial it repeats
+from search.storage.trials import INHERITED, TrialAttr
 
 
 def _start_time(pid: int) -> int | None:
@@ -57,10 +55,10 @@ def is_alive(owner: dict[str, Any]) -> bool:
 
 def retry(study: optuna.Study, trial: FrozenTrial) -> None:
     """Queues a failed trial again with its parameters (Optuna's heartbeat callback too)."""
-    attrs = {k: trial.user_attrs[k] for k in KEPT_ATTRS if k in trial.user_attrs}
+    attrs = {k: trial.user_attrs[k] for k in INHERITED if k in trial.user_attrs}
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-        user_attrs={**attrs, RETRY_OF_ATTR: trial.number}))
+        user_attrs={**attrs, TrialAttr.RETRY_OF: trial.number}))
 
 
 def recover_dead_trials(study: optuna.Study) -> list[int]:
@@ -72,13 +70,13 @@ def recover_dead_trials(study: optuna.Study) -> list[int]:
     study_id = storage.get_study_id_from_name(study.study_name)
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = trial.user_attrs.get(OWNER_ATTR)
+        owner = trial.user_attrs.get(TrialAttr.OWNER)
         if not isinstance(owner, dict) or owner.get("host") != host or is_alive(owner):
             continue
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
         reason = f"its process (pid {owner.get('pid')} on {host}) died while it ran"
         try:
-            storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+            storage.set_trial_user_attr(trial_id, TrialAttr.FAIL_REASON, reason)
             if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
                 continue
         except UpdateFinishedTrialError:  # another process recovered it first

@@ -22,50 +22,38 @@ from typing import Any
 
 import optuna
 import yaml
-from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.artifacts import upload_artifact
 from optuna.trial import TrialState
 
 from search.config.params import PARAMS
-from search.config.settings import DEFAULT_TRACKING_URI, StudyConfig
-from search.config.urls import masked
+from search.config.settings import StudyConfig
+from search.config.urls import StoreUrl
+from search.storage.backends import artifact_store
+from search.storage.trials import TrialAttr
 from search.tracking.curves import CurveDrawer
 from search.training.results import EpochMetrics, trial_seed
 
-ARTIFACT_DIR_NAME = "optuna-artifacts"
-
-
-# ---------------------------------------------------------------- where artifacts live
-
-def artifact_dir(storage: str) -> Path:
-    """The artifact folder that belongs to an Optuna storage URL (see the module docstring)."""
-    if storage.startswith("sqlite:///"):
-        database = storage[len("sqlite:///"):].split("?")[0]
-        if database and database != ":memory:":
-            return Path(database).expanduser().parent / ARTIFACT_DIR_NAME
-    return Path("mlruns") / ARTIFACT_DIR_NAME
-
-
-def artifact_store(storage: str) -> FileSystemArtifactStore:
-    folder = artifact_dir(storage)
-    folder.mkdir(parents=True, exist_ok=True)
-    return FileSystemArtifactStore(folder)
-
-
 # ---------------------------------------------------------------- what is uploaded
 
-def mlflow_hint(tracking_uri: str) -> str:
-    """How a person opens the MLflow runs of a study, in Markdown."""
-    if tracking_uri.lower() == "none":
+def mlflow_hint(tracking_uri: StoreUrl, experiment_id: str | None = None) -> str:
+    """How a person opens the MLflow runs of a study, in Markdown: with the study's experiment
+    (`experiment_id`), the link that opens the UI on its runs (see `mlflow_runs.runs_link`)."""
+    if tracking_uri.is_off:
         return "MLflow logging was off (`tracking_uri=none`) when this study was created."
-    if tracking_uri.startswith(("http://", "https://")):
+    where = " (from the folder the study was run in)" if tracking_uri.is_default else ""
+    if experiment_id is not None:
+        from search.tracking.mlflow_runs import ui_access  # mlflow is loaded already
+
+        command, link = ui_access(tracking_uri, experiment_id)
+        return (f"Open its runs at {link}." if command is None else
+                f"Run `{command}`{where} and open its runs at {link}.")
+    if tracking_uri.is_http:
         return f"Open the MLflow server at {tracking_uri}."
-    where = (" (from the folder the study was run in)" if tracking_uri == DEFAULT_TRACKING_URI
-             else "")
     return (f"Run `mlflow ui --backend-store-uri {tracking_uri}`{where} and open "
             "http://127.0.0.1:5000.")
 
 
-def study_note(config: StudyConfig) -> str:
+def study_note(config: StudyConfig, experiment_id: str | None = None) -> str:
     """The study's dashboard note (Markdown): model, dataset, budget, space and the MLflow runs."""
     lines = [
         f"## {config.study_name}",
@@ -93,7 +81,7 @@ def study_note(config: StudyConfig) -> str:
         "",
         "### MLflow runs",
         "",
-        f"Experiment `{config.study_name}`. " + mlflow_hint(masked(config.tracking_uri)) + " Trial 7 is "
+        f"Experiment `{config.study_name}`. " + mlflow_hint(config.tracking_uri, experiment_id) + " Trial 7 is "
         "the run `trial-0007`, nested under the study's run "
         f"`study-{config.study_name}`; its run id is the trial's user attribute `mlflow_run_id`.",
     ]
@@ -110,7 +98,7 @@ def trial_config(config: StudyConfig, number: int, state: TrialState, params: di
         "seed": trial_seed(config.seed, number) if seed is None else seed,
         "study_seed": config.seed,
         "val_size": config.val_size, "params": dict(params),
-        "results": {k: v for k, v in attrs.items()},
+        "results": {str(k): v for k, v in attrs.items()},  # TrialAttr keys as plain YAML
     }
 
 
@@ -127,9 +115,9 @@ class DashboardArtifacts:
     A failure here (full disk, unwritable folder) warns and stops the uploads; trials go on.
     """
 
-    def __init__(self, config: StudyConfig) -> None:
-        self.config = config
-        self.folder = artifact_dir(config.storage).resolve()
+    def __init__(self, config: StudyConfig, experiment_id: str | None = None) -> None:
+        self.config, self.experiment_id = config, experiment_id
+        self.folder = config.storage.artifact_dir.resolve()
         self.store = artifact_store(config.storage)
         self.drawer = CurveDrawer()
         self.enabled = True
@@ -156,7 +144,7 @@ class DashboardArtifacts:
             import optuna_dashboard  # late: it imports scikit-learn, ~2 s at every start
 
             if not optuna_dashboard.get_note(trial.study).strip():
-                optuna_dashboard.save_note(trial.study, study_note(self.config))
+                optuna_dashboard.save_note(trial.study, study_note(self.config, self.experiment_id))
             self._noted = True
 
     def epoch_ended(self, trial: optuna.Trial, metrics: EpochMetrics) -> None:
@@ -182,7 +170,7 @@ class DashboardArtifacts:
             config_path = stem.with_name(stem.name + "-config.yaml")
             config_path.write_text(yaml.safe_dump(
                 trial_config(self.config, trial.number, state, params, attrs,
-                             trial.user_attrs.get("seed")), sort_keys=False))
+                             trial.user_attrs.get(TrialAttr.SEED)), sort_keys=False))
             # text/plain, not the guessed application/yaml: browsers show it, not download it
             upload_artifact(artifact_store=self.store, file_path=str(config_path),
                             study_or_trial=trial, mimetype="text/plain")

@@ -20,7 +20,7 @@ run in several threads or worker processes at once. This is the only module that
 Example (what `search.runner.process` does)::
 
     check_tracking(config.tracking_uri)          # SearchError before any trial if unreachable
-    study_run = StudyRun(config)                 # finds or creates the experiment
+    study_run = ParentRun(config)                 # finds or creates the experiment
     logger = TrialLogger(study_run)              # one run per trial of this process
     objective = Objective(config, data, device, observers=[logger])
     study.optimize(objective, ...)
@@ -53,35 +53,30 @@ from mlflow.exceptions import MlflowException
 from optuna.trial import FrozenTrial, TrialState
 
 from search.config.errors import SearchError
-from search.config.settings import DEFAULT_TRACKING_URI, StudyConfig, to_yaml
-from search.config.space import trial_params as space_params
-from search.config.urls import (
-    DatabaseLock,
-    check_driver,
-    check_writable,
-    masked,
-    sqlite_path,
-    write_ahead_log,
-)
-from search.storage.recovery import RETRY_OF_ATTR
+from search.config.settings import StudyConfig, to_yaml
+from search.config.urls import DEFAULTS, StoreUrl, masked
+from search.storage.backends import DatabaseLock, write_ahead_log
+from search.storage.checks import table_names
+from search.storage.trials import StudyAttr, TrialAttr, params_of
 from search.training.loop import resolve_device
-from search.training.results import EpochMetrics, FinalRun
+from search.training.results import EpochMetrics, FinalTraining
 
-# MLflow 3's UI opens an experiment without this tag on its GenAI overview, not on its runs.
+# What the experiment holds, for MLflow. (MLflow 3.17's UI does not read it to pick its GenAI or
+# model-training mode, which it keeps per browser: `runs_link` sets that mode.)
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 ROLE_TAG = "search.role"                  # "study" on the parent run, "trial" on child runs
 PARENT_TAG = "mlflow.parentRunId"         # what makes the MLflow UI nest a run under another
 GIT_COMMIT_TAG = "mlflow.source.git.commit"
-PARENT_RUN_ATTR = "mlflow_parent_run_id"  # Optuna study user attribute -> the parent run
-RUN_ID_ATTR = "mlflow_run_id"             # Optuna trial user attribute -> the trial's run
 RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED",
               TrialState.FAIL: "FAILED"}
 # Per-trial facts (from the objective's user attributes) logged once, as final metrics. Their
 # names differ from the per-epoch ones so a metric's history stays one value per epoch.
-FINAL_METRICS = {"best_val_accuracy": "best_val_accuracy", "best_epoch": "best_epoch",
-                 "epochs_run": "epochs_run", "parameter_count": "parameter_count",
-                 "train_seconds": "train_seconds", "seconds_per_epoch": "mean_epoch_seconds",
-                 "images_per_second": "mean_images_per_second"}
+FINAL_METRICS = {TrialAttr.BEST_VAL_ACCURACY: "best_val_accuracy",
+                 TrialAttr.BEST_EPOCH: "best_epoch", TrialAttr.EPOCHS_RUN: "epochs_run",
+                 TrialAttr.PARAMETER_COUNT: "parameter_count",
+                 TrialAttr.TRAIN_SECONDS: "train_seconds",
+                 TrialAttr.SECONDS_PER_EPOCH: "mean_epoch_seconds",
+                 TrialAttr.IMAGES_PER_SECOND: "mean_images_per_second"}
 # A parent run created this long before the study's first trial belongs to an older study of the
 # same name (e.g. one whose Optuna storage was deleted); allows for clocks of several machines.
 CLOCK_SLACK_MS = 60_000
@@ -91,7 +86,7 @@ CLOCK_SLACK_MS = 60_000
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "15", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 # After a failed call, logging pauses this long (then the next, ...) before it tries again; what
-# is not logged meanwhile is backfilled from the Optuna storage (`StudyRun.backfill`).
+# is not logged meanwhile is backfilled from the Optuna storage (`ParentRun.backfill`).
 BACKOFF_SECONDS = (5, 15, 60, 300)
 
 
@@ -100,10 +95,6 @@ def _now_ms() -> int:
 
 
 # ---------------------------------------------------------------- checking the tracking URI
-
-def is_http(uri: str) -> bool:
-    return uri.startswith(("http://", "https://"))
-
 
 @contextlib.contextmanager
 def _env(**values: str) -> Iterator[None]:
@@ -119,11 +110,6 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _tracking_file(uri: str) -> Path | None:
-    """The database file of a SQLite tracking URI (None for a server or another database)."""
-    return sqlite_path(uri, "tracking_uri")
-
-
 def _reason(error: BaseException) -> str:
     """The part of an MLflow/requests error a person needs, on one line."""
     text = " ".join(str(error).split())
@@ -134,7 +120,7 @@ def _reason(error: BaseException) -> str:
     return (text[:300] + "...") if len(text) > 300 else (text or type(error).__name__)
 
 
-def check_tracking(uri: str, experiment: str | None = None) -> None:
+def check_tracking(uri: StoreUrl, experiment: str | None = None) -> None:
     """Fails with a `SearchError` when the MLflow tracking store at `uri` cannot be used.
 
     Called before the study is opened, so an unreachable server stops the run before any trial;
@@ -143,54 +129,46 @@ def check_tracking(uri: str, experiment: str | None = None) -> None:
 
     Raises:
         SearchError: the URI is a plain directory (MLflow 3's file store is not supported), its
-            folder does not exist or cannot be written, the server does not answer, or the
-            study's experiment (`experiment`) is deleted there.
+            folder does not exist or cannot be written, an existing file is not a database, the
+            server does not answer, or the study's experiment (`experiment`) is deleted there.
     """
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # not "Creating initial tables..."
     off = " Add tracking_uri=none to run the study without MLflow logging."
-    scheme = urlparse(uri).scheme
+    scheme = urlparse(uri.raw).scheme
     if scheme in ("", "file") or re.fullmatch(r"[A-Za-z]", scheme):  # a path (C:\ on Windows)
         raise SearchError(
-            f"tracking_uri={masked(uri)}: a directory is MLflow's old file store, which MLflow 3 no longer "
-            f"supports. Use a database such as {DEFAULT_TRACKING_URI} (the default) or the http:// "
-            "URL of an `mlflow server`." + off)
-    check_driver(uri, "tracking_uri")
-    database = _tracking_file(uri)
-    if database is not None:
-        folder = database.resolve().parent
+            f"tracking_uri={uri}: a directory is MLflow's old file store, which MLflow 3 no longer "
+            f"supports. Use a database such as {DEFAULTS['tracking_uri']} (the default) or the "
+            "http:// URL of an `mlflow server`." + off)
+    if not uri.is_http:
         try:
-            if uri == DEFAULT_TRACKING_URI:
-                folder.mkdir(parents=True, exist_ok=True)
-            elif not folder.is_dir():
-                raise SearchError(f"tracking_uri={masked(uri)}: the folder {folder} does not exist.")
-            check_writable(folder, "tracking_uri", uri, database)
-        except (SearchError, OSError) as error:
+            if table_names(uri) is None:
+                return  # a new SQLite file: created on first use
+        except SearchError as error:
             raise SearchError(f"{error}{off}") from None
-        if not database.exists():
-            return
     try:
         # One quick try: no retries, a short timeout (read when the request is made).
-        # A database store's first use creates its tables: under the lock that StudyRun takes.
+        # A database store's first use creates its tables: under the lock that ParentRun takes.
         with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10"), \
-                DatabaseLock(uri, "mlflow-schema") if not is_http(uri) else contextlib.nullcontext():
-            client = MlflowClient(uri)
+                DatabaseLock(uri, "mlflow-schema"):
+            client = MlflowClient(uri.raw)
             found = (client.get_experiment_by_name(experiment) if experiment
                      else client.search_experiments(max_results=1) and None)
     except Exception as error:  # noqa: BLE001 - any failure here means "cannot log there"
         hint = (" Start it (e.g. `mlflow server --backend-store-uri sqlite:///mlflow.db "
-                "--host 127.0.0.1 --port 5000`) or fix the URL." if is_http(uri) else "")
-        raise SearchError(f"tracking_uri={masked(uri)}: cannot reach the MLflow tracking store "
+                "--host 127.0.0.1 --port 5000`) or fix the URL." if uri.is_http else "")
+        raise SearchError(f"tracking_uri={uri}: cannot reach the MLflow tracking store "
                           f"({masked(_reason(error))}).{hint}{off}") from None
     if found is not None:
         _refuse_deleted(found, uri)
 
 
-def _refuse_deleted(experiment: Any, uri: str) -> None:
+def _refuse_deleted(experiment: Any, uri: StoreUrl) -> None:
     """A deleted experiment keeps its name: MLflow would refuse every run logged to it."""
     if experiment.lifecycle_stage != "active":
         raise SearchError(
             f"study_name={experiment.name}: the MLflow experiment '{experiment.name}' in "
-            f"{masked(uri)} is deleted. Restore it (mlflow experiments restore --experiment-id "
+            f"{uri} is deleted. Restore it (mlflow experiments restore --experiment-id "
             f"{experiment.experiment_id}), purge it (mlflow gc), use another study_name, or add "
             "tracking_uri=none.")
 
@@ -211,10 +189,10 @@ def git_commit() -> str | None:
     return commit or None
 
 
-def artifact_location(uri: str, experiment_name: str) -> str | None:
+def artifact_location(uri: StoreUrl, experiment_name: str) -> str | None:
     """Where a new experiment keeps its artifacts: next to a SQLite store's file (so the default
     store keeps everything under `mlruns/`); the server decides for an http:// URI."""
-    database = _tracking_file(uri)
+    database = uri.sqlite_file
     if database is None:
         return None
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment_name) or "study"
@@ -225,9 +203,37 @@ def _param_value(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
+# ---------------------------------------------------------------- opening the MLflow UI
+
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+
+def runs_link(base_url: str, experiment_id: str) -> str:
+    """The MLflow UI's page of an experiment's runs, in its model-training mode.
+
+    MLflow 3.17's UI keeps a GenAI / model-training mode per browser, GenAI unless the user
+    switched, and opens an experiment on the GenAI overview (traces, token usage) whatever the
+    experiment's tags say; `workflowType=machine_learning` in the link switches the mode.
+
+    Example:
+        >>> runs_link("http://127.0.0.1:5000/", "1")
+        'http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning'
+    """
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def ui_access(tracking_uri: StoreUrl | str, experiment_id: str) -> tuple[str | None, str]:
+    """How a person opens a study's runs: the command that serves the UI (None for an
+    `mlflow server`, which serves it already) and the link to open, password masked in both."""
+    uri = masked(str(tracking_uri))
+    if uri.startswith(("http://", "https://")):
+        return None, runs_link(uri, experiment_id)
+    return f"mlflow ui --backend-store-uri {uri}", runs_link(LOCAL_UI, experiment_id)
+
+
 # ---------------------------------------------------------------- the study's run
 
-class StudyRun:
+class ParentRun:
     """The study's MLflow experiment and its parent run, as one process sees them.
 
     Every process of a study (the main one, each worker) has one, to nest its trial runs under
@@ -249,15 +255,15 @@ class StudyRun:
 
     def __init__(self, config: StudyConfig, client: MlflowClient | None = None) -> None:
         if not config.tracking_enabled:
-            raise ValueError(f"tracking_uri={config.tracking_uri!r}: tracking is off.")
-        if is_http(config.tracking_uri):
+            raise ValueError(f"tracking_uri={config.tracking_uri}: tracking is off.")
+        if config.tracking_uri.is_http:
             for key, value in HTTP_DEFAULTS.items():
                 os.environ.setdefault(key, value)
         started = time.perf_counter()
         self.config = config
         self.seconds = 0.0
         self._failures, self._paused_until = 0, 0.0
-        database = _tracking_file(config.tracking_uri)
+        database = config.tracking_uri.sqlite_file
         try:
             # Opening a new store creates its tables: one process at a time, or two processes
             # starting at once both run MLflow's migrations and one fails.
@@ -265,10 +271,10 @@ class StudyRun:
                 if database is not None:  # each run's and metric's commit then skips disk syncs
                     with contextlib.closing(sqlite3.connect(database)) as connection:
                         write_ahead_log(connection)
-                self.client = client or MlflowClient(config.tracking_uri)
+                self.client = client or MlflowClient(config.tracking_uri.raw)
                 self.experiment_id = self._experiment_id()
         except Exception as error:  # noqa: BLE001 - a server that refuses us, a broken file
-            raise SearchError(f"tracking_uri={masked(config.tracking_uri)}: cannot open the "
+            raise SearchError(f"tracking_uri={config.tracking_uri}: cannot open the "
                               f"experiment '{config.study_name}' ({masked(_reason(error))}). Add "
                               "tracking_uri=none to run without MLflow logging.") from None
         self.parent_run_id: str | None = None
@@ -353,24 +359,24 @@ class StudyRun:
         earliest = (first_start.timestamp() * 1000 - CLOCK_SLACK_MS) if first_start else 0
         mine = [r for r in runs
                 if r.data.tags.get("study_name") == study.study_name
-                and r.data.tags.get("optuna_storage") == masked(self.config.storage)
+                and r.data.tags.get("optuna_storage") == str(self.config.storage)
                 and r.info.start_time >= earliest]
         return sorted(mine, key=lambda r: (r.info.start_time, r.info.run_id))
 
     def _find_parent(self, study: optuna.Study) -> str | None:
-        linked = self._active_run(study.user_attrs.get(PARENT_RUN_ATTR))
+        linked = self._active_run(study.user_attrs.get(StudyAttr.MLFLOW_PARENT_RUN_ID))
         if linked is not None:
             return linked.info.run_id
         candidates = self._parent_candidates(study)
         if not candidates:
             return None
-        study.set_user_attr(PARENT_RUN_ATTR, candidates[0].info.run_id)
+        study.set_user_attr(StudyAttr.MLFLOW_PARENT_RUN_ID, candidates[0].info.run_id)
         return candidates[0].info.run_id
 
     def _create_parent(self, study: optuna.Study) -> str:
         config = self.config
         tags = {ROLE_TAG: "study", "study_name": study.study_name,
-                "optuna_storage": masked(config.storage),
+                "optuna_storage": str(config.storage),
                 "model": config.model, "dataset": config.dataset,
                 "fingerprint": config.fingerprint(), "mlflow.source.name": "search.run"}
         if self.commit:
@@ -386,7 +392,7 @@ class StudyRun:
         winner = candidates[0].info.run_id if candidates else mine
         if winner != mine:
             self.client.delete_run(mine)
-        study.set_user_attr(PARENT_RUN_ATTR, winner)
+        study.set_user_attr(StudyAttr.MLFLOW_PARENT_RUN_ID, winner)
         return winner
 
     def log_best(self, number: int, value: float, params: dict[str, Any], run_id: str,
@@ -412,7 +418,7 @@ class StudyRun:
         missing = sum(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))
         print(f"MLflow: the tracking store still fails; up to {missing} trial run(s) may be "
               f"missing or incomplete. Once it answers: python -m search.sync study="
-              f"{self.config.study} storage={masked(self.config.storage)}"
+              f"{self.config.study} storage={self.config.storage}"
               + (f" study_name={self.config.study_name}"
                  if self.config.study_name != self.config.study else ""), file=sys.stderr)
 
@@ -428,7 +434,7 @@ class StudyRun:
         if complete:
             best = max(complete, key=lambda t: t.value)
             self.log_best(best.number, best.value, best.params,
-                          best.user_attrs.get(RUN_ID_ATTR, ""), step=trials[-1].number)
+                          best.user_attrs.get(TrialAttr.MLFLOW_RUN_ID, ""), step=trials[-1].number)
         self.client.set_terminated(parent, status)
 
     # -- backfilling from the Optuna storage (the source of truth)
@@ -450,7 +456,7 @@ class StudyRun:
             if trial.state in (TrialState.WAITING, TrialState.RUNNING):
                 continue  # not over yet: the process running it logs it
             mine = runs.get(trial.number, [])
-            linked = trial.user_attrs.get(RUN_ID_ATTR)
+            linked = trial.user_attrs.get(TrialAttr.MLFLOW_RUN_ID)
             run = next((r for r in mine if r.info.run_id == linked), mine[0] if mine else None)
             if run is None:
                 self._create_trial_run(trial, parent)
@@ -467,9 +473,9 @@ class StudyRun:
                 "torch_version": torch.__version__, "mlflow.source.name": "search.run"}
         if self.commit:
             tags[GIT_COMMIT_TAG] = self.commit
-        for attr in ("baseline", RETRY_OF_ATTR):
+        for attr in (TrialAttr.BASELINE, TrialAttr.RETRY_OF):
             if trial.user_attrs.get(attr) is not None:
-                tags[attr] = str(trial.user_attrs[attr])
+                tags[str(attr)] = str(trial.user_attrs[attr])
         return tags
 
     def trial_params(self, params: dict[str, Any]) -> list[Param]:
@@ -488,7 +494,7 @@ class StudyRun:
                           logged_params: dict[str, str]) -> None:
         """The params, epochs, final metrics and tags the run lacks, and the status, all from
         the trial (the run may have been cut short anywhere: even before its params)."""
-        params = [p for p in self.trial_params(space_params(trial, self.config.space))
+        params = [p for p in self.trial_params(params_of(trial, self.config.space))
                   if p.key not in logged_params]
         if params:
             self.client.log_batch(run_id, params=params)
@@ -499,8 +505,7 @@ class StudyRun:
                    for k, v in epoch.items() if k != "epoch" and v is not None]
         metrics += final_metrics(trial.user_attrs, len(trial.intermediate_values))
         end = int(trial.datetime_complete.timestamp() * 1000) if trial.datetime_complete else now
-        for start in range(0, len(metrics), 900):  # MLflow takes at most 1000 per batch
-            self.client.log_batch(run_id, metrics=metrics[start:start + 900])
+        self.client.log_batch(run_id, metrics=metrics)  # MlflowClient splits it into batches
         self.client.log_batch(run_id, tags=end_tags(trial.state, trial.user_attrs))
         self.client.set_terminated(run_id, RUN_STATUS.get(trial.state, "FAILED"), end_time=end)
 
@@ -509,7 +514,7 @@ class StudyRun:
 def trial_epochs(trial: FrozenTrial) -> list[dict[str, Any]]:
     """A finished trial's per-epoch metrics as the objective recorded them, else (a trial whose
     process died) the validation accuracies Optuna has."""
-    recorded = trial.user_attrs.get("epochs")
+    recorded = trial.user_attrs.get(TrialAttr.EPOCHS)
     if isinstance(recorded, list) and recorded:
         return recorded
     return [{"epoch": e, "val_accuracy": v} for e, v in sorted(trial.intermediate_values.items())]
@@ -523,11 +528,11 @@ def final_metrics(attrs: dict[str, Any], step: int) -> list[Metric]:
 
 def end_tags(state: TrialState, attrs: dict[str, Any]) -> list[RunTag]:
     tags = [RunTag("state", state.name)]
-    for key in ("pruned_at_epoch", "over_budget", "resumed_from_epoch"):
+    for key in (TrialAttr.PRUNED_AT_EPOCH, TrialAttr.OVER_BUDGET, TrialAttr.RESUMED_FROM_EPOCH):
         if key in attrs:
-            tags.append(RunTag(key, str(attrs[key])))
+            tags.append(RunTag(str(key), str(attrs[key])))
     if state == TrialState.FAIL:
-        reason = attrs.get("fail_reason") or "unexpected error (see the console output)"
+        reason = attrs.get(TrialAttr.FAIL_REASON) or "unexpected error (see the console output)"
         tags.append(RunTag("fail_reason", str(reason)[:5000]))
     return tags
 
@@ -536,7 +541,7 @@ class TrialLogger:
     """A `TrialObserver` logging each trial of this process as a run nested under the study's
     parent run (see the module docstring); `close` prints what the logging cost."""
 
-    def __init__(self, study_run: StudyRun) -> None:
+    def __init__(self, study_run: ParentRun) -> None:
         self.study_run = study_run
         self.client = study_run.client
         self.trials = 0
@@ -552,7 +557,7 @@ class TrialLogger:
             run = self.client.create_run(self.study_run.experiment_id, start_time=start,
                                          tags=tags, run_name=f"trial-{trial.number:04d}")
             self._runs[trial.number] = run.info.run_id
-            trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
+            trial.set_user_attr(TrialAttr.MLFLOW_RUN_ID, run.info.run_id)
             self.client.log_batch(run.info.run_id, params=self.study_run.trial_params(params))
 
     def epoch_ended(self, trial: optuna.Trial, metrics: EpochMetrics) -> None:
@@ -587,36 +592,36 @@ class TrialLogger:
             self.study_run.log_best(trial.number, value, params, run_id, step=trial.number)
         else:
             self.study_run.log_best(best.number, best.value, best.params,
-                                    best.user_attrs.get(RUN_ID_ATTR, ""), step=trial.number)
+                                    best.user_attrs.get(TrialAttr.MLFLOW_RUN_ID, ""), step=trial.number)
 
     def close(self) -> None:
         """Prints what logging this process's trials cost."""
         if self.trials:
             config = self.study_run.config
             print(f"MLflow: {self.trials} trial run(s) logged to experiment "
-                  f"'{config.study_name}' in {masked(config.tracking_uri)}; logging took "
+                  f"'{config.study_name}' in {config.tracking_uri}; logging took "
                   f"{self.study_run.seconds / self.trials * 1000:.0f} ms per trial "
                   f"(+{self.study_run.setup_seconds:.1f} s once to connect).", flush=True)
 
 
 # ---------------------------------------------------------------- final evaluations (the report)
 
-def final_run_logger(config: StudyConfig, study: optuna.Study):
+def final_training_logger(config: StudyConfig, study: optuna.Study):
     """A hook for `search.report`: logs each final training run (train+val, one test evaluation)
     as its own run in the study's experiment, nested under the study's parent run when there is
     one and tagged `search.role=final_evaluation`, so final test accuracies sit next to the
     search in the MLflow UI without being mistaken for trials.
 
     Returns:
-        A callable taking a `search.training.results.FinalRun`.
+        A callable taking a `search.training.results.FinalTraining`.
     """
     check_tracking(config.tracking_uri)
-    study_run = StudyRun(config)  # finds or creates the study's experiment
+    study_run = ParentRun(config)  # finds or creates the study's experiment
     client, experiment_id = study_run.client, study_run.experiment_id
-    parent = study.user_attrs.get(PARENT_RUN_ATTR)
+    parent = study.user_attrs.get(StudyAttr.MLFLOW_PARENT_RUN_ID)
     commit = git_commit()
 
-    def log(run: FinalRun) -> None:
+    def log(run: FinalTraining) -> None:
         tags = {ROLE_TAG: "final_evaluation", "study_name": run.study_name,
                 "trial_number": str(run.trial_number), "label": run.label,
                 "repeat": str(run.repeat), "torch_version": torch.__version__,

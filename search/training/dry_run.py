@@ -12,7 +12,7 @@ from torch import nn
 
 from search.config.errors import SearchError
 from search.config.params import PARAMS, trainer_settings
-from search.config.space import ParamSpec
+from search.config.space import ParamSpec, walk
 from search.training.images import DatasetSpec
 from search.training.loop import build_optimizer
 from search.training.models import build_model, count_parameters
@@ -20,33 +20,27 @@ from search.training.models import build_model, count_parameters
 
 def extreme_params(space: Sequence[ParamSpec], largest: bool) -> dict[str, Any]:
     """Each size-like parameter at its smallest or largest value; the rest at their first choice."""
-    params: dict[str, Any] = {}
-    for spec in space:
-        if not spec.is_active(params):
-            continue
+    def choose(spec: ParamSpec, params: dict[str, Any]) -> Any:
         sized = PARAMS[spec.name].grows_model
-        if spec.kind == "fixed":
-            params[spec.name] = spec.value
-        elif spec.kind == "categorical":
+        if spec.kind == "categorical":
             numeric = all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in spec.choices)
             if sized and numeric:
-                params[spec.name] = max(spec.choices) if largest else min(spec.choices)
-            else:
-                params[spec.name] = spec.choices[0]
-        else:
-            low, high = spec.bounds(params)
-            if sized:
-                value = high if largest else low
-            else:  # a middle value: the extremes of lr or dropout say nothing about size
-                value = (low * high) ** 0.5 if spec.log else (low + high) / 2
-            params[spec.name] = int(round(value)) if spec.kind == "int" else value
-    return params
+                return max(spec.choices) if largest else min(spec.choices)
+            return spec.choices[0]
+        low, high = spec.bounds(params)
+        if sized:
+            value = high if largest else low
+        else:  # a middle value: the extremes of lr or dropout say nothing about size
+            value = (low * high) ** 0.5 if spec.log else (low + high) / 2
+        return round(value) if spec.kind == "int" else value
+    return walk(space, choose)
 
 
 def check_model(model_name: str, params: dict[str, Any], spec: DatasetSpec,
                 device: torch.device) -> dict[str, Any]:
     """One forward/backward/step at the space's batch size; returns what it measured."""
-    batch_size = trainer_settings(params)["batch_size"]
+    settings = trainer_settings(params)
+    batch_size = settings["batch_size"]
     try:
         model = build_model(model_name, params, in_channels=spec.channels,
                             image_size=spec.image_size, num_classes=spec.num_classes).to(device)
@@ -54,7 +48,7 @@ def check_model(model_name: str, params: dict[str, Any], spec: DatasetSpec,
         labels = torch.randint(0, spec.num_classes, (batch_size,), device=device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        optimizer = build_optimizer(model, params)
+        optimizer = build_optimizer(model, params, settings=settings)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = nn.functional.cross_entropy(model(images).float(), labels)
         loss.backward()

@@ -20,7 +20,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import os
 import pickle
 import sys
 import tarfile
@@ -218,12 +220,23 @@ _DOWNLOAD_ERRORS = (OSError, RuntimeError, ImportError, EOFError, tarfile.TarErr
 
 
 def _try_download(class_name: str, root: Path, train: bool) -> str:
-    """Attempts a download; returns "" on success or a description of why it failed."""
+    """Attempts a download; returns "" on success or a description of why it failed. A failed
+    download leaves no folder behind that it made (torchvision makes them before it fetches)."""
+    existed = _folders(root)
     try:
         _torchvision_download(class_name, root, train)
     except _DOWNLOAD_ERRORS as error:
+        for folder in sorted(_folders(root) - existed, key=lambda f: -len(f.parts)):
+            with contextlib.suppress(OSError):  # only empty ones go
+                folder.rmdir()
         return f"{type(error).__name__}: {error}"
     return ""
+
+
+def _folders(root: Path) -> set[Path]:
+    """`root` and every folder below it, and its existing ancestors, as absolute paths."""
+    root = root.absolute()
+    return {Path(folder) for folder, _, _ in os.walk(root)} | {p for p in root.parents if p.is_dir()}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -125,13 +125,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_optimizer(model: nn.Module, params: Mapping[str, Any]) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, params: Mapping[str, Any], *,
+                    settings: Mapping[str, Any] | None = None) -> torch.optim.Optimizer:
     """The optimizer named in `params`, with its own parameters (`search.config.params.OPTIMIZERS`).
 
     Weight decay is applied to conv/linear weights only: decaying BN scales and biases
-    only hurts, a standard trick in fast CIFAR training.
+    only hurts, a standard trick in fast CIFAR training. `settings` are `trainer_settings(params)`
+    when the caller has already checked them (`train` does, once).
     """
-    settings = trainer_settings(params)
+    settings = settings or trainer_settings(params)
     name, args = optimizer_settings(params)
     lr, weight_decay = settings["lr"], settings["weight_decay"]
     if settings["decoupled"]:
@@ -165,10 +167,11 @@ def _fused_supported(model: nn.Module) -> bool:
 
 
 def build_schedule(optimizer: torch.optim.Optimizer, params: Mapping[str, Any], epochs: int,
-                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+                   steps_per_epoch: int, *, settings: Mapping[str, Any] | None = None
+                   ) -> torch.optim.lr_scheduler.LRScheduler:
     """Per-step schedules over the full epoch budget, so a pruned trial saw the same curve
-    as the complete one would have up to that epoch."""
-    settings = trainer_settings(params)
+    as the complete one would have up to that epoch (`settings` as in `build_optimizer`)."""
+    settings = settings or trainer_settings(params)
     total = max(1, epochs * steps_per_epoch)
     if settings["schedule"] == "cosine":
         factor = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))  # noqa: E731
@@ -268,8 +271,8 @@ def train(model_name: str, params: Mapping[str, Any], *, train_data: ImageSet,
     # The compiled wrapper shares the parameters; `result.model` stays the plain module.
     forward = model if speed.compile == "off" else torch.compile(
         model, mode=None if speed.compile == "default" else speed.compile)
-    optimizer = build_optimizer(model, params)
-    schedule = build_schedule(optimizer, params, epochs, len(train_loader))
+    optimizer = build_optimizer(model, params, settings=settings)
+    schedule = build_schedule(optimizer, params, epochs, len(train_loader), settings=settings)
     criterion = nn.CrossEntropyLoss(label_smoothing=settings["label_smoothing"])
     result = TrainResult(model=model, parameter_count=count_parameters(model))
     first = 1

@@ -70,7 +70,7 @@ def mean_and_std(values: Sequence[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-class FinalRun(NamedTuple):
+class FinalTraining(NamedTuple):
     """One final training run: a configuration, a seed, its test accuracy. Passed to the
     `on_run` hook of a final evaluation (e.g. to log it to MLflow)."""
 
