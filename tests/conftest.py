@@ -49,14 +49,20 @@ SMALL_CNN_CHOICES = {"batch_size": [128], "hidden_1": [16], "hidden_2": [0],
 SMALL_CNN = space_choices(SMALL_CNN_CHOICES)
 # The small cnn3 on fake data on the CPU: what most end-to-end commands start from.
 SMALL = [*FAKE, "device=cpu", *SMALL_CNN]
-# A trial's parameters for the trainer on its own (no Optuna): a cnn3 that learns the fake data set
-# in a few one-second epochs.
-SMALL_PARAMS = {"width_1": 8, "width_2": 8, "width_3": 16, "hidden_1": 32, "hidden_2": 0,
-                "batch_size": 64, "optimizer": "adam", "lr": 3e-3}
 # A slightly wider cnn3 with two first-layer kernel sizes to sample, on the CPU and without MLflow:
 # a 3-epoch trial on `dataset=fake` still takes well under a second.
 TINY = [*FAKE, "device=cpu", "tracking_uri=none", *space_choices(
     {**SMALL_CNN_CHOICES, "width_3": [16], "hidden_1": [32], "kernel_size_1": [3, 5]})]
+# A trial's parameters for the trainer on its own (no Optuna): a cnn3 that learns the fake data set
+# in a few one-second epochs.
+SMALL_PARAMS = {"width_1": 8, "width_2": 8, "width_3": 16, "hidden_1": 32, "hidden_2": 0,
+                "batch_size": 64, "optimizer": "adam", "lr": 3e-3}
+
+
+def overriding(base: list[str], *extra: str) -> list[str]:
+    """`base` with `extra`'s keys replaced: a command refuses a key given twice."""
+    keys = {word.partition("=")[0] for word in extra}
+    return [word for word in base if word.partition("=")[0] not in keys] + list(extra)
 
 
 def cli_env() -> dict[str, str]:
@@ -110,7 +116,7 @@ def trained_an_epoch(trials: list[FrozenTrial]) -> bool:
 
 
 def wait_for_running_trial(storage: str, study_name: str, process: subprocess.Popen,
-                           predicate: Callable[[list[FrozenTrial]], bool] = lambda trials: True,
+                           predicate: Callable[[list[FrozenTrial]], bool],
                            timeout: float = 120) -> list[FrozenTrial]:
     """Polls the study that `process` runs until one of its trials is RUNNING and
     `predicate(trials)` holds, and returns those trials. Fails with the process's output should
@@ -120,8 +126,7 @@ def wait_for_running_trial(storage: str, study_name: str, process: subprocess.Po
     error: Exception | None = None
     while time.monotonic() < deadline:
         try:  # the study may not exist yet, or its storage be mid-creation
-            study = optuna.load_study(study_name=study_name, storage=storage)
-            trials = study.get_trials(deepcopy=False)
+            trials = load(storage, study_name).get_trials(deepcopy=False)
         except Exception as caught:
             error = caught
         else:

@@ -131,3 +131,11 @@ def test_study_file_errors(tmp_path):
                    "when: {optimizer: sgd}}, optimizer: sgd}\n")
     with pytest.raises(SearchError, match="defined before 'momentum'"):
         load_config([f"study={bad}"])
+
+
+def test_a_key_given_twice_is_refused_naming_both_words():
+    with pytest.raises(SearchError, match=r"'epochs' is given twice \(epochs=3 and epochs=4\)"):
+        load_config(["study=cnn3", "epochs=3", "epochs=4"])
+    with pytest.raises(SearchError, match="'sampler.name' is given twice"):  # a shorthand too
+        load_config(["study=cnn3", "sampler=random", "sampler.name=tpe"])
+    assert load_config(["study=cnn3", "space.dropout.low=0.0", "space.dropout.high=0.3"]).epochs == 10

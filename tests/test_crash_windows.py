@@ -10,10 +10,18 @@ import sys
 
 import optuna
 import pytest
-from conftest import TINY, cli_env, run_cli
+from conftest import (
+    FAKE,
+    TINY,
+    cli_env,
+    finish,
+    run_cli,
+    start_cli,
+    wait_for_running_trial,
+)
 from optuna.trial import TrialState
 
-from search.storage.trials import TrialAttr, counts_toward_n_trials
+from search.storage.trials import StudyAttr, TrialAttr, counts_toward_n_trials
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +61,50 @@ def test_a_process_killed_as_its_trial_starts_leaves_it_recoverable(tmp_path, fi
     assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE
 
 
+# Makes the study's row as search.run does, and dies before anything else of it is stored.
+KILLED_AS_THE_STUDY_IS_CREATED = """
+import os, signal, sys
+import optuna
+from search.config.settings import load_config
+from search.storage.studies import make_storage
+config = load_config(sys.argv[1:])
+optuna.create_study(storage=make_storage(config.storage), study_name=config.study_name,
+                    direction="maximize")
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_process_killed_as_it_creates_the_study_leaves_it_to_the_next(tmp_path):
+    """Issue 16, case 1: a study row without its config and baselines is half-made, not a study
+    to resume. No trial ran under the dead creator's config, so the next run completes the
+    creation with its own (a changed epochs= is accepted there), the study file's baseline
+    included; once complete, a changed epochs= is refused."""
+    storage = f"sqlite:///{tmp_path}/o.db"
+    args = [*FAKE, "device=cpu", "tracking_uri=none", f"storage={storage}", "n_trials=2",
+            "pruner=none"]  # the whole space: cnn3's baseline fits
+    killed = subprocess.run([sys.executable, "-c", KILLED_AS_THE_STUDY_IS_CREATED, *args,
+                             "epochs=2"], cwd=tmp_path, env=cli_env(), capture_output=True,
+                            text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    half_made = optuna.load_study(study_name="cnn3", storage=storage)
+    assert half_made.user_attrs == {} and half_made.get_trials() == []
+
+    rerun = run_cli("search.run", *args, "epochs=1", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    study = optuna.load_study(study_name="cnn3", storage=storage)
+    trials = study.get_trials()
+    assert sum(map(counts_toward_n_trials, trials)) == 2
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    baselines = [t for t in trials if TrialAttr.BASELINE in t.user_attrs]
+    assert [t.state for t in baselines] == [TrialState.COMPLETE], [t.state for t in trials]
+    assert study.user_attrs[StudyAttr.EPOCHS] == 1 and study.user_attrs[StudyAttr.CREATED_COMPLETE]
+    assert {StudyAttr.FINGERPRINT, StudyAttr.FINGERPRINT_SOURCE, StudyAttr.CONFIG} <= set(study.user_attrs)
+
+    refused = run_cli("search.run", *args, "epochs=2", cwd=tmp_path)
+    assert refused.returncode == 2, refused.stderr
+    assert "was created with a different config (epochs: 1 -> 2)" in refused.stderr, refused.stderr
+
+
 @pytest.mark.parametrize("key", ["storage", "tracking_uri"])
 def test_a_file_that_is_not_a_database_is_refused_up_front(tmp_path, key):
     """Not reported as a storage failure mid-run (exit 1): refused before anything, exit 2."""
@@ -80,3 +132,66 @@ def test_a_database_of_another_program_is_not_taken_over(tmp_path):
     with sqlite3.connect(other) as connection:
         tables = [row[0] for row in connection.execute("SELECT name FROM sqlite_master")]
     assert tables == ["invoices"]
+
+
+def _unshare_permitted() -> bool:
+    """`unshare --uts` (a hostname of its own) needs root or user namespaces."""
+    try:
+        return subprocess.run(["unshare", "--uts", "true"], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+def test_a_stopped_process_on_another_host_is_recovered_by_heartbeat(tmp_path):
+    """Issue 16, case 3: process A (host-a) hangs (SIGSTOP) mid-trial; process B (this host),
+    whose run began before A's trial did, fails that trial through Optuna's heartbeat (not the
+    same-host check: A's pid means nothing here) and retries it. The study still ends with exactly
+    n_trials (the recovered trial is not charged to B's budget), and A, woken once B is done, says
+    what happened and exits 0."""
+    if not _unshare_permitted():
+        pytest.skip("`unshare --uts` is not permitted here (needs root or user namespaces), so "
+                    "a second host cannot be faked")
+    storage = f"sqlite:///{tmp_path}/o.db"
+    args = [*TINY, f"storage={storage}", "epochs=3", "n_trials=6", "pruner=none"]
+    env = dict(cli_env(), SEARCH_HEARTBEAT_SECONDS="1", SEARCH_HEARTBEAT_GRACE_SECONDS="2")
+    b = start_cli("search.run", *args, cwd=tmp_path, env=env)
+    a = subprocess.Popen(  # unshare and sh exec: the pid is A's python
+        ["unshare", "--uts", "sh", "-c", 'hostname host-a && exec "$@"', "sh",
+         sys.executable, "-m", "search.run", *args],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def host(trial):
+        return trial.user_attrs.get(TrialAttr.OWNER, {}).get("host")
+
+    def stoppable(trials):
+        """A trial of A's has trained an epoch, and began after B's first (so after B's run)."""
+        first_of_b = min((t.datetime_start for t in trials if host(t) not in (None, "host-a")),
+                         default=None)
+        return first_of_b is not None and any(
+            t.state == TrialState.RUNNING and t.intermediate_values and host(t) == "host-a"
+            and t.datetime_start > first_of_b for t in trials)
+
+    try:
+        trials = wait_for_running_trial(storage, "cnn3", a, stoppable)
+        a.send_signal(signal.SIGSTOP)
+        (stopped,) = [t for t in trials if t.state == TrialState.RUNNING and host(t) == "host-a"]
+        survivor = finish(b, timeout=120)
+        a.send_signal(signal.SIGCONT)
+        woken = finish(a, timeout=60)
+    finally:
+        for process in (a, b):
+            if process.poll() is None:
+                process.send_signal(signal.SIGCONT)
+                process.kill()
+                process.communicate()
+    assert survivor.returncode == 0, survivor.stderr
+    assert woken.returncode == 0 and "Traceback" not in woken.stderr, woken.stderr
+    assert (f"trial {stopped.number} was failed by another process while this one was stopped"
+            in woken.stderr), woken.stderr
+    trials = optuna.load_study(study_name="cnn3", storage=storage).get_trials()
+    assert sum(map(counts_toward_n_trials, trials)) == 6, [(t.number, t.state.name) for t in trials]
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    failed = trials[stopped.number]
+    assert failed.state == TrialState.FAIL and "heartbeat" in failed.user_attrs[TrialAttr.FAIL_REASON]
+    retry = [t for t in trials if t.user_attrs.get(TrialAttr.RETRY_OF) == stopped.number]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and host(retry[0]) != "host-a"

@@ -11,7 +11,7 @@ from pathlib import Path
 import optuna
 import optuna_dashboard
 import pytest
-from conftest import SMALL, cli_env, finish, run_cli, start_cli
+from conftest import SMALL, cli_env, finish, overriding, run_cli, start_cli
 from mlflow import MlflowClient
 
 from benchmarks.postgres_server import PASSWORD
@@ -50,7 +50,7 @@ def test_the_storage_password_is_never_printed_or_stored(pg_databases, tmp_path)
     report = run_cli("search.report", "study=cnn3", f"storage={storage}",
                      f"tracking_uri={tracking}", "out=reports", cwd=tmp_path)
     assert report.returncode == 0, report.stderr
-    refused = run_cli("search.run", *ARGS, "epochs=2", f"storage={storage}",  # a changed config
+    refused = run_cli("search.run", *overriding(ARGS, "epochs=2"), f"storage={storage}",  # changed
                       f"tracking_uri={tracking}", cwd=tmp_path)
     assert refused.returncode == 2
     for result in (run, report, refused):

@@ -16,7 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import SMALL, cli_env, run_cli
+from conftest import SMALL, cli_env, overriding, run_cli
 
 pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent  # where the scenario below finds conftest
@@ -166,7 +166,7 @@ DISK_FULL = textwrap.dedent("""
 
 @needs_namespace
 def test_a_disk_that_fills_up_during_a_trial_stops_cleanly_and_the_rerun_completes(tmp_path):
-    args = [*ARGS, "epochs=12", "n_trials=2", "tracking_uri=none"]
+    args = [*overriding(ARGS, "epochs=12"), "n_trials=2", "tracking_uri=none"]
     (tmp_path / "scenario.py").write_text(f"ARGS = {args!r}\nTESTS = {str(TESTS)!r}\n" + DISK_FULL)
     result = in_namespace(f"exec {sys.executable} scenario.py", tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr

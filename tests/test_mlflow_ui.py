@@ -2,9 +2,10 @@
 
 MLflow 3.17's UI keeps a GenAI / model-training mode per browser (GenAI in a fresh one) and opens
 an experiment on the GenAI overview whatever its tags say; `?workflowType=machine_learning` in
-the link switches to model training. A tiny study logs to a SQLite store, a real `mlflow ui`
-serves it, and headless Chromium (a fresh profile each time, so no remembered mode) renders the
-printed link and the same page without the parameter.
+the link switches to model training. The summary prints the link (and nothing about MLflow when
+tracking is off); end to end, a tiny study logs to a SQLite store, a real `mlflow ui` serves it,
+and headless Chromium (a fresh profile each time, so no remembered mode) renders the printed
+link, the same page without the parameter and the bare experiment.
 """
 
 from __future__ import annotations
@@ -19,18 +20,20 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import optuna
 import pytest
-from conftest import TINY, cli_env, free_port, run_cli, wait_for_health
+from conftest import TINY, cli_env, free_port, overriding, run_cli, wait_for_health
+
+from search.config.settings import load_config
+from search.runner.progress import print_summary
 
 CHROMIUM = shutil.which("chromium")
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")]
 
 PRINTED = re.compile(r"open (http://127\.0\.0\.1:5000)(/#/experiments/(\d+)/runs"
                      r"\?workflowType=machine_learning)\s")
 # Virtual time stands still while requests are pending, so the budget only has to cover the
-# app's timers: 200 ms rendered the runs here; virtual time skips ahead when idle, so a generous
-# budget costs no wall time (about 3 s a page).
+# app's timers: 200 ms rendered the runs here, 1 ms did not; virtual time skips ahead when idle,
+# so a generous budget costs no wall time (about 3 s a page). (A budget of 0 never dumps.)
 VIRTUAL_TIME_MS = 10_000
 
 
@@ -72,10 +75,33 @@ def text_of(dom: str) -> str:
     return re.sub(r"<[^>]*>", "", dom)
 
 
+@pytest.mark.parametrize(("tracking_uri", "experiment_id", "lines"), [
+    ("none", None, []),
+    ("sqlite:///mlruns/mlflow.db", "1", [
+        "  mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db   # serves the MLflow UI; then:",
+        "  open http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning"
+        "   # MLflow: compare runs"]),
+    ("http://search:secret@mlflow:5000/", "7", [
+        "  open http://search:***@mlflow:5000/#/experiments/7/runs?workflowType=machine_learning"
+        "   # MLflow: compare runs"]),
+])
+def test_the_summary_links_the_runs_only_when_tracking_is_on(tracking_uri, experiment_id, lines,
+                                                             capsys):
+    config = load_config(overriding(TINY, f"tracking_uri={tracking_uri}"))
+    study = optuna.create_study(direction="maximize")
+    study.tell(study.ask(), 0.5)
+    print_summary(study, config, experiment_id)
+    printed = capsys.readouterr().out.splitlines()
+    assert [line for line in printed if "mlflow" in line.lower()] == lines
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 def test_the_printed_link_opens_the_runs_in_model_training_mode(tmp_path):
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = run_cli("search.run", *TINY, f"storage=sqlite:///{tmp_path / 'optuna.db'}",
-                     f"tracking_uri={store}", "epochs=1", "n_trials=2", cwd=tmp_path)
+    result = run_cli("search.run", *overriding(TINY, f"tracking_uri={store}"),
+                     f"storage=sqlite:///{tmp_path / 'optuna.db'}", "epochs=1", "n_trials=2",
+                     cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert f"mlflow ui --backend-store-uri {store}" in result.stdout
     printed = PRINTED.search(result.stdout)
@@ -102,7 +128,11 @@ def test_the_printed_link_opens_the_runs_in_model_training_mode(tmp_path):
                 lambda name: render(pages[name], tmp_path, name), pages)
     finally:
         os.killpg(ui.pid, signal.SIGTERM)  # mlflow ui and its uvicorn worker
-        ui.wait(timeout=30)
+        try:
+            ui.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(ui.pid, signal.SIGKILL)
+            ui.wait()
 
     shots = f"(screenshots in {tmp_path})"
     # The link: the study's runs (its parent run and the run count) in model-training mode,

@@ -8,7 +8,7 @@ import optuna
 import pytest
 import sqlalchemy
 import torch
-from conftest import FAKE, TINY
+from conftest import FAKE, TINY, overriding
 from optuna.trial import TrialState
 
 from search.config.errors import SearchError
@@ -24,7 +24,7 @@ from search.training.results import repeat_seed, trial_seed
 
 
 def config_for(storage: str, *extra: str):
-    return load_config([f"storage={storage}", "epochs=2", *TINY, *extra])
+    return load_config(overriding([f"storage={storage}", "epochs=2", *TINY], *extra))
 
 
 def test_baseline_is_trial_zero_and_not_enqueued_twice(storage):

@@ -303,7 +303,7 @@ def study_file(name: str) -> Path:
 
 def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
     """Splits `key=value` words; values are YAML as OmegaConf reads them (`[sgd,adam]`, `1e-3`,
-    `true`, `null`)."""
+    `true`, `null`). A key given twice is refused, as Hydra refuses it."""
     overrides = []
     for arg in args:
         key, sep, text = arg.partition("=")
@@ -313,7 +313,12 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
                               "(see --help for the keys).")
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", key):
             raise SearchError(f"'{key}' is not a valid key: use dotted names like space.lr.high.")
-        overrides.append((SHORTHANDS.get(key, key), _parse_value(key, text)))
+        full = SHORTHANDS.get(key, key)
+        earlier = next((word for word, (k, _) in zip(args, overrides) if k == full), None)
+        if earlier is not None:  # as Hydra does: taking the last one silently hides a typo
+            raise SearchError(f"'{key}' is given twice ({earlier.strip()} and {arg.strip()}): "
+                              "give each key once.")
+        overrides.append((full, _parse_value(key, text)))
     return overrides
 
 

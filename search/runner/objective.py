@@ -138,6 +138,7 @@ class Objective:
         attrs: dict[str, Any] = {}
         observing: list[TrialObserver] = []
         started = time.perf_counter()
+        taken_over = False  # failed meanwhile by another process, which retries it
 
         def on_epoch(metrics: EpochMetrics) -> bool:
             history.append(metrics)
@@ -198,6 +199,12 @@ class Objective:
         except STORAGE_ERRORS:
             state = optuna.trial.TrialState.RUNNING  # as it stays: its retry needs the checkpoint
             raise
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # This process was stopped (SIGSTOP, a hung machine) and another failed the trial by
+            # heartbeat: it takes no more writes, and its retry may resume from its checkpoint.
+            # `search.runner.process.reserve_and_run` says so and goes on.
+            taken_over = True
+            raise
         except KeyboardInterrupt:
             if self.stop is not None:
                 self.stop.leave_trial()  # a second Ctrl-C must not cut recording the first
@@ -211,9 +218,11 @@ class Objective:
         finally:
             if self.stop is not None:
                 self.stop.leave_trial()
-            for observer in observing:
+            # A trial taken over takes no more writes; the run's end closes its MLflow run.
+            for observer in [] if taken_over else observing:
                 observer.trial_finished(trial, state, params, attrs, history)
-            if self.checkpoints is not None and state != optuna.trial.TrialState.RUNNING:
+            if (self.checkpoints is not None and state != optuna.trial.TrialState.RUNNING
+                    and not taken_over):
                 self.checkpoints.discard(trial)
 
     def _fail(self, trial: optuna.Trial, history: list[EpochMetrics], reason: str,

@@ -12,7 +12,9 @@ study's processes, the finished + running trials (+ trials failed during this ru
 the run's budget, so a study whose every trial fails still ends) are counted, and only if there
 is room is a trial asked for; the lock is released once that trial is RUNNING in the storage. So
 the processes start exactly the trials that are missing, and a rerun after Ctrl-C or failures
-fills up the rest. Optuna's `MaxTrialsCallback` alone would overshoot by up to N-1 trials.
+fills up the rest. Optuna's `MaxTrialsCallback` alone would overshoot by up to N-1 trials. A trial
+that recovery failed (its process died or stopped, `search.storage.recovery`) is not counted: its
+retry is.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from datetime import datetime
 
 import optuna
 import torch
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from search.config.settings import StudyConfig
@@ -33,10 +36,9 @@ from search.runner.objective import Objective, StopSignal, TrialFailed
 from search.runner.preflight import prepare
 from search.storage.backends import DatabaseLock, artifact_store
 from search.storage.checkpoints import Checkpoints
-from search.storage.recovery import recover_dead_trials
+from search.storage.recovery import recover_dead_trials, retried
 from search.storage.studies import open_study
 from search.storage.trials import (
-    FINISHED,
     TrialAttr,
     count_finished,
     counts_toward_n_trials,
@@ -66,21 +68,22 @@ class Session:
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
     @classmethod
-    def open(cls, config: StudyConfig, device: torch.device, data: SearchData) -> Session:
+    def open(cls, config: StudyConfig, device: torch.device, data: SearchData, *,
+             main: bool = True) -> Session:
         """Opens (creating or joining) the study, then its MLflow experiment; `prepare` has
         checked everything that can be checked first."""
         study, created, seed = open_study(config)  # baselines are enqueued here, once
         if created:
             for reason in config.skipped_baselines:
                 print(f"note: {reason}; that baseline is skipped.")
-        study_run, observers = make_observers(config)
+        study_run, observers = make_observers(config, write_note=main)
         _share_cpu(config.workers, device)
         return cls(config, device, data, study, observers, study_run, created, seed)
 
     @classmethod
     def join(cls, config: StudyConfig) -> Session:
         """A worker's view of the study its main process opened."""
-        return cls.open(config, *prepare(config))
+        return cls.open(config, *prepare(config), main=False)
 
     def describe(self) -> str:
         config, data = self.config, self.data
@@ -119,17 +122,20 @@ class Session:
         return None if self.study_run is None else self.study_run.experiment_id
 
 
-def make_observers(config: StudyConfig) -> tuple[object | None, list]:
-    """The trial observers of the optional integrations (MLflow, dashboard artifacts)."""
+def make_observers(config: StudyConfig, write_note: bool = True) -> tuple[object | None, list]:
+    """The trial observers of the optional integrations (MLflow, dashboard artifacts). Only the
+    main process writes the dashboard's study note: importing optuna-dashboard (and with it
+    scikit-learn) would cost every worker process about 95 MB."""
     if not config.tracking_enabled:
-        return None, [DashboardArtifacts(config)]
+        return None, [DashboardArtifacts(config, write_note=write_note)]
     from search.tracking.mlflow_runs import (  # mlflow imports take ~2 s
         ParentRun,
         TrialLogger,
     )
 
     study_run = ParentRun(config)
-    return study_run, [TrialLogger(study_run), DashboardArtifacts(config, study_run.experiment_id)]
+    return study_run, [TrialLogger(study_run),
+                       DashboardArtifacts(config, study_run.experiment_id, write_note=write_note)]
 
 
 # ---------------------------------------------------------------- reserving trials
@@ -156,14 +162,26 @@ def reserve_and_run(study: optuna.Study, objective: Callable[[optuna.Trial], flo
             if not _room_for_one_more(study, config.n_trials, since):
                 return
 
+            started: list[optuna.Trial] = []
+
             def reserved(trial: optuna.Trial) -> float:
                 reservation.release()  # the trial is RUNNING now: others may count it
+                started.append(trial)
                 if sampler_seed is not None:
                     trial.set_user_attr(TrialAttr.SAMPLER_SEED, sampler_seed)
                 return objective(trial)
 
-            study.optimize(reserved, n_trials=1, catch=(TrialFailed,),
-                           callbacks=[*callbacks, stop.check])
+            try:
+                study.optimize(reserved, n_trials=1, catch=(TrialFailed,),
+                               callbacks=[*callbacks, stop.check])
+            except (ValueError, UpdateFinishedTrialError):
+                # This process was stopped (SIGSTOP, a hung machine) long enough for another to
+                # fail its trial by heartbeat and queue it again: Optuna then refuses every
+                # write, the final tell included ("Cannot tell a FAIL trial").
+                if not started or started[0].number not in retried(study.get_trials(deepcopy=False)):
+                    raise
+                print(f"trial {started[0].number} was failed by another process while this one "
+                      "was stopped (it is retried); going on.", file=sys.stderr, flush=True)
 
 
 # Models over max_params are cheap to skip, but a run stops proposing them after this many per
@@ -174,12 +192,14 @@ OVER_BUDGET_PER_TRIAL = 10
 def _room_for_one_more(study: optuna.Study, n_trials: int, since: datetime) -> bool:
     """Whether starting a trial now keeps the study within `n_trials` and this run's budget."""
     recover_dead_trials(study)  # trials of processes that died run again
-    trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING, TrialState.FAIL))
+    trials = study.get_trials(deepcopy=False)
+    recovered = retried(trials)  # failed by recovery: their retries count instead
     recent = [t for t in trials if t.datetime_start is not None and t.datetime_start >= since]
     if sum(TrialAttr.OVER_BUDGET in t.user_attrs for t in recent) >= OVER_BUDGET_PER_TRIAL * n_trials:
         print(f"warning: {OVER_BUDGET_PER_TRIAL * n_trials} sampled models were over max_params "
               "in this run; stopping. Raise max_params or narrow the space.", file=sys.stderr)
         return False
     taken = sum(counts_toward_n_trials(t) or t.state == TrialState.RUNNING
-                or (t.state == TrialState.FAIL and t in recent) for t in trials)
+                or (t.state == TrialState.FAIL and t in recent and t.number not in recovered)
+                for t in trials)
     return taken < n_trials

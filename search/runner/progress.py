@@ -12,6 +12,7 @@ from tqdm import tqdm
 from search.config.errors import first_line
 from search.config.params import format_params
 from search.config.settings import StudyConfig
+from search.config.urls import masked
 from search.storage.trials import TrialAttr, count_finished, counts_toward_n_trials
 
 
@@ -77,11 +78,27 @@ class TrialLines:
         pass
 
 
+def described(error: BaseException) -> str:
+    """An error as one line that names it: its class, then its message's first line, with the
+    password of any URL in it masked. Optuna's `StorageInternalError` ("An exception is raised
+    during the commit ...") is a wrapper: the database error under it is the one named.
+
+    Example: `sqlalchemy.exc.OperationalError: (psycopg.OperationalError) connection failed: ...`
+    """
+    while isinstance(error, optuna.exceptions.StorageInternalError) and error.__cause__ is not None:
+        error = error.__cause__
+    kind = type(error)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    if not str(error).strip():
+        return name
+    return f"{name}: " + " ".join(masked(word) for word in first_line(error).split(" "))
+
+
 def storage_failure(config: StudyConfig, error: BaseException) -> str:
-    """One paragraph for a storage that failed mid-run; what was committed stays consistent."""
-    cause = getattr(error, "orig", None) or error.__cause__ or error.__context__ or error
+    """One paragraph for a storage that failed mid-run, naming the error (`described`); what was
+    committed stays consistent."""
     return (f"error: the storage {config.storage} failed while the study ran "
-            f"({first_line(cause)}). Every trial it recorded is intact (a failed write changes "
+            f"({described(error)}). Every trial it recorded is intact (a failed write changes "
             "nothing); fix the cause (free disk space, restart the database server), then rerun "
             "the same command: it resumes the study and retries the interrupted trial.")
 

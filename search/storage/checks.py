@@ -10,6 +10,7 @@ from typing import Any
 
 import optuna
 import sqlalchemy
+from optuna.trial import TrialState
 
 from search.config.errors import SearchError, first_line
 from search.config.settings import StudyConfig
@@ -19,13 +20,15 @@ from search.storage.trials import StudyAttr
 
 def check_storage(config: StudyConfig) -> bool:
     """Refuses, with a message naming `storage=`, a storage that cannot be used for this study;
-    returns whether the study exists already (a resume)."""
+    returns whether the study exists already (a resume). A half-made study (`is_created`) is
+    not one yet: the run that opens it completes its creation with this config."""
     stored = open_if_exists(config.storage)
     study_id = existing_study_id(stored, config.study_name) if stored is not None else None
-    if study_id is not None:
+    resume = study_id is not None and is_created(stored, study_id)
+    if resume:
         check_unchanged(config, stored.get_study_user_attrs(study_id))
     _check_warm_start(config, optuna.get_all_study_names(stored) if stored is not None else [])
-    return study_id is not None
+    return resume
 
 
 def check_folder(url: StoreUrl) -> None:
@@ -100,6 +103,16 @@ def existing_study_id(storage: optuna.storages.BaseStorage, name: str) -> int | 
         return storage.get_study_id_from_name(name)
     except KeyError:
         return None
+
+
+def is_created(storage: optuna.storages.BaseStorage, study_id: int) -> bool:
+    """Whether the study's creation was completed: its `StudyAttr.CREATED_COMPLETE` marker is
+    stored, or a trial has started in it (a study made before the marker existed). A study row
+    without either is half-made: its creator died before storing its config and baselines."""
+    if StudyAttr.CREATED_COMPLETE in storage.get_study_user_attrs(study_id):
+        return True
+    started = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    return bool(storage.get_all_trials(study_id, deepcopy=False, states=started))
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -6,7 +6,9 @@ every RUNNING trial whose owner is gone; a trial of another host is failed by Op
 once it is `GRACE_SECONDS` stale (`search.storage.studies.make_storage` wires both to `retry`). Either way
 the failed trial is queued again with the same parameters, recording which trial it repeats, so
 the study still ends with exactly `n_trials` finished trials and every configuration it meant to
-try.
+try. Such a FAIL is no fault of the trial: it does not use up a run's budget (`retried`), and a
+process that was only stopped (SIGSTOP, a hung machine) and wakes to find its trial failed goes
+on with the next one.
 """
 
 from __future__ import annotations
@@ -61,20 +63,36 @@ def retry(study: optuna.Study, trial: FrozenTrial) -> None:
         user_attrs={**attrs, TrialAttr.RETRY_OF: trial.number}))
 
 
+def retried(trials: list[FrozenTrial]) -> set[int]:
+    """The numbers of the trials that recovery failed and queued again: their FAIL says nothing
+    about their parameters, so it uses up no run's budget."""
+    return {t.user_attrs[TrialAttr.RETRY_OF] for t in trials if TrialAttr.RETRY_OF in t.user_attrs}
+
+
 def recover_dead_trials(study: optuna.Study) -> list[int]:
     """Fails and retries the RUNNING trials of this host whose process is gone, and those of
-    any host whose heartbeat is stale. Returns the numbers of the trials this call failed."""
-    with contextlib.suppress(Exception):  # best effort: the heartbeat's own recovery
-        optuna.storages.fail_stale_trials(study)
+    any host whose heartbeat is stale. Returns the numbers of the trials this call failed.
+
+    Stale trials are failed here, as Optuna's `fail_stale_trials` would (it runs too, before each
+    trial: a backstop), so that they get a fail_reason first: a FAIL trial takes no attributes."""
     storage, host = study._storage, socket.gethostname()  # Optuna has no public accessor
     study_id = storage.get_study_id_from_name(study.study_name)
+    stale: set[int] = set()
+    with contextlib.suppress(Exception):  # best effort: a storage without heartbeats has none
+        stale = set(storage._get_stale_trial_ids(study_id))
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.user_attrs.get(TrialAttr.OWNER)
-        if not isinstance(owner, dict) or owner.get("host") != host or is_alive(owner):
+        owner = owner if isinstance(owner, dict) else {}
+        trial_id = trial._trial_id  # (private too; it saves a query per running trial)
+        if trial_id in stale:
+            reason = (f"its process (pid {owner.get('pid')} on {owner.get('host')}) sent no "
+                      "heartbeat within the grace period: stopped, hung or cut off; failed by "
+                      f"pid {os.getpid()} on {host}")
+        elif owner.get("host") == host and not is_alive(owner):
+            reason = f"its process (pid {owner.get('pid')} on {host}) died while it ran"
+        else:
             continue
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-        reason = f"its process (pid {owner.get('pid')} on {host}) died while it ran"
         try:
             storage.set_trial_user_attr(trial_id, TrialAttr.FAIL_REASON, reason)
             if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):

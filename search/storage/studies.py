@@ -15,20 +15,32 @@ import optuna
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
+from search.config.errors import SearchError
 from search.config.settings import StudyConfig, shown_tree
 from search.config.space import LEFT_OUT, ParamSpec, searched_params, walk
 from search.config.urls import StoreUrl
 from search.storage.backends import DatabaseLock, write_ahead_log
-from search.storage.checks import check_unchanged
+from search.storage.checks import check_unchanged, is_created
 from search.storage.recovery import retry, this_process
 from search.storage.strategy import make_pruner, make_sampler
 from search.storage.trials import FINISHED, StudyAttr, TrialAttr
 
 # A worker killed without a chance to clean up (SIGKILL, power loss) leaves its trial RUNNING;
 # heartbeats let another host's process mark such trials FAIL and retry them
-# (`search.storage.recovery`; on the same host a dead owner is found at once).
+# (`search.storage.recovery`; on the same host a dead owner is found at once). The environment
+# variables SEARCH_HEARTBEAT_SECONDS and SEARCH_HEARTBEAT_GRACE_SECONDS override them (tests).
 HEARTBEAT_SECONDS = 60
 GRACE_SECONDS = 180
+
+
+def _seconds(variable: str, default: int) -> int:
+    """A whole, positive number of seconds from the environment; unset or empty: `default`."""
+    value = os.environ.get(variable, "").strip()
+    if not value:
+        return default
+    if not value.isdigit() or int(value) <= 0:
+        raise SearchError(f"{variable}={value!r}: a whole number of seconds > 0 is needed.")
+    return int(value)
 
 
 class _OwnedTrialsStorage(optuna.storages.RDBStorage):
@@ -65,7 +77,8 @@ def make_storage(url: StoreUrl) -> optuna.storages.BaseStorage:
     with DatabaseLock(url, "optuna-schema"):
         storage = _OwnedTrialsStorage(
             url.raw, engine_kwargs={"pool_pre_ping": True} if url.sqlite_file is None else None,
-            heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
+            heartbeat_interval=_seconds("SEARCH_HEARTBEAT_SECONDS", HEARTBEAT_SECONDS),
+            grace_period=_seconds("SEARCH_HEARTBEAT_GRACE_SECONDS", GRACE_SECONDS),
             heartbeat_stale_trial_callback=retry)
     storage.owner = this_process()
     if storage.engine.dialect.name == "sqlite":
@@ -88,42 +101,55 @@ def open_study(config: StudyConfig) -> tuple[optuna.Study, bool, int]:
     """Creates the study (storing its config and enqueuing its baselines) or joins it.
 
     Exactly one process creates a study, even when several start at once on a new one: the
-    study's row is unique in the storage. The creator's sampler takes the study seed, so a fresh
-    single-process run is reproducible; every other process (a worker, a second machine, a
-    resumed run) seeds its sampler from the study seed, the trials so far, its host and its pid,
-    so that concurrent and resumed processes explore different points.
+    study's row is unique in the storage, and its config, baselines and warm starts are stored
+    under the study's `trials:` lock, the `StudyAttr.CREATED_COMPLETE` marker last, by the first
+    process to find the row without that marker: the process that made the row, or, where that
+    one died half-way, whichever process opens the study next (no trial can have run under
+    another config, so it completes the study with its own).
 
-    Returns the study, whether this process created it, and its sampler's seed.
+    The creator's sampler takes the study seed, so a fresh single-process run is reproducible;
+    every other process (a worker, a second machine, a resumed run) seeds its sampler from the
+    study seed, the trials so far, its host and its pid, so that concurrent and resumed
+    processes explore different points.
+
+    Returns the study, whether this process created it (stored its config), and its sampler's
+    seed.
     """
     storage = make_storage(config.storage)
     try:
         optuna.create_study(storage=storage, study_name=config.study_name, direction="maximize")
-        created = True
     except optuna.exceptions.DuplicatedStudyError:
-        created = False
-        # It may have been created a moment ago, by another process: its config must match.
-        check_unchanged(config, storage.get_study_user_attrs(
-            storage.get_study_id_from_name(config.study_name)))
+        pass  # made by another process, a moment ago or long ago, completely or half-way
     study = optuna.load_study(study_name=config.study_name, storage=storage,
                               pruner=make_pruner(config))
+    with DatabaseLock(config.storage, f"trials:{config.study_name}"):
+        created = not is_created(storage, storage.get_study_id_from_name(config.study_name))
+        if created:
+            _store_creation(study, config)
+        else:  # its config must match, even when it was created a moment ago
+            check_unchanged(config, study.user_attrs)
+            _requeue_interrupted_baselines(study, config)
     seed = config.seed if created else process_seed(config.seed, len(study.get_trials(deepcopy=False)))
     study.sampler = make_sampler(config, seed)
-    if created:
-        study.set_user_attr(StudyAttr.FINGERPRINT_SOURCE,
-                            json.loads(json.dumps(config.fingerprint_source(), default=str)))
-        study.set_user_attr(StudyAttr.FINGERPRINT, config.fingerprint())
-        study.set_user_attr(StudyAttr.CONFIG, json.loads(json.dumps(shown_tree(config), default=str)))
-        for key in (StudyAttr.MODEL, StudyAttr.DATASET, StudyAttr.EPOCHS):
-            study.set_user_attr(key, getattr(config, key))
-        for index, baseline in enumerate(config.baselines):
-            study.enqueue_trial(searched_params(baseline, config.space),
-                                user_attrs={TrialAttr.BASELINE: index}, skip_if_exists=True)
-        if config.warm_start:
-            warm_start(study, config)
-    else:
-        with DatabaseLock(config.storage, f"trials:{config.study_name}"):
-            _requeue_interrupted_baselines(study, config)
     return study, created, seed
+
+
+def _store_creation(study: optuna.Study, config: StudyConfig) -> None:
+    """Everything a study is created with, the marker last: a process killed before it leaves a
+    half-made study that the next one completes (`open_study`). Queued trials a dead creator
+    left are not queued twice (`skip_if_exists`)."""
+    study.set_user_attr(StudyAttr.FINGERPRINT_SOURCE,
+                        json.loads(json.dumps(config.fingerprint_source(), default=str)))
+    study.set_user_attr(StudyAttr.FINGERPRINT, config.fingerprint())
+    study.set_user_attr(StudyAttr.CONFIG, json.loads(json.dumps(shown_tree(config), default=str)))
+    for key in (StudyAttr.MODEL, StudyAttr.DATASET, StudyAttr.EPOCHS):
+        study.set_user_attr(key, getattr(config, key))
+    for index, baseline in enumerate(config.baselines):
+        study.enqueue_trial(searched_params(baseline, config.space),
+                            user_attrs={TrialAttr.BASELINE: index}, skip_if_exists=True)
+    if config.warm_start:
+        warm_start(study, config)
+    study.set_user_attr(StudyAttr.CREATED_COMPLETE, True)
 
 
 def process_seed(study_seed: int, trials_so_far: int) -> int:

@@ -3,9 +3,9 @@ attribute key, what it means and which module writes it, and which trials count 
 `n_trials`.
 
 The keys are `StrEnum` members, so they are the plain strings Optuna stores
-(`trial.user_attrs[TrialAttr.SEED]`), and a key exists only here: a new attribute is one line
-in `TrialAttr` or `StudyAttr` and one in `MEANING` (a test checks that every code path reads
-and writes attributes through these names, never a bare string).
+(`trial.user_attrs[TrialAttr.SEED]`), and a key exists only here: a new attribute is one member
+of `TrialAttr` or `StudyAttr`, with its writer and meaning (a test checks that every code path
+reads and writes attributes through these names, never a bare string).
 """
 
 from __future__ import annotations
@@ -20,77 +20,62 @@ from optuna.trial import FrozenTrial, TrialState
 from search.config.space import LEFT_OUT, ParamSpec, suggest, walk
 
 
-class TrialAttr(StrEnum):
-    OWNER = "owner"
-    SAMPLER_SEED = "sampler_seed"
-    RETRY_OF = "retry_of"
-    BASELINE = "baseline"
-    WARM_START = "warm_start"
-    SEED = "seed"
-    FIXED_PARAMS = "fixed_params"
-    CHECKPOINT = "checkpoint"
-    MLFLOW_RUN_ID = "mlflow_run_id"
-    OVER_BUDGET = "over_budget"
-    PARAMETER_COUNT = "parameter_count"
-    EPOCHS_RUN = "epochs_run"
-    TRAIN_SECONDS = "train_seconds"
-    BEST_EPOCH = "best_epoch"
-    BEST_VAL_ACCURACY = "best_val_accuracy"
-    SECONDS_PER_EPOCH = "seconds_per_epoch"
-    IMAGES_PER_SECOND = "images_per_second"
-    EPOCHS = "epochs"
-    FAIL_REASON = "fail_reason"
-    PRUNED_AT_EPOCH = "pruned_at_epoch"
-    RESUMED_FROM_EPOCH = "resumed_from_epoch"
+class _Attr(StrEnum):
+    """A user attribute key (the plain string Optuna stores), with who writes it and what it
+    means: the reference for whoever reads a study's trials."""
+
+    def __new__(cls, key: str, writer: str, meaning: str) -> _Attr:
+        member = str.__new__(cls, key)
+        member._value_, member.writer, member.meaning = key, writer, meaning
+        return member
 
 
-class StudyAttr(StrEnum):
-    FINGERPRINT_SOURCE = "fingerprint_source"
-    FINGERPRINT = "fingerprint"
-    CONFIG = "config"
-    MODEL = "model"
-    DATASET = "dataset"
-    EPOCHS = "epochs"
-    MLFLOW_PARENT_RUN_ID = "mlflow_parent_run_id"
+class TrialAttr(_Attr):
+    OWNER = ("owner", "storage.studies", "{host, pid, started} of the process running the "
+             "trial, recorded as it starts; storage.recovery asks whether it still runs")
+    SAMPLER_SEED = ("sampler_seed", "runner.process", "seed of the sampler that proposed it")
+    RETRY_OF = ("retry_of", "storage.recovery", "the number of the dead trial it repeats")
+    BASELINE = ("baseline", "storage.studies", "index of the study file's baseline it runs")
+    WARM_START = ("warm_start", "storage.studies", "'study#trial' its configuration came from")
+    SEED = ("seed", "runner.objective", "the training seed (a retry keeps the original's)")
+    FIXED_PARAMS = ("fixed_params", "runner.objective", "the space's fixed values, which "
+                    "Optuna does not store as params")
+    CHECKPOINT = ("checkpoint", "storage.checkpoints", "{id, epoch} of its last checkpoint")
+    MLFLOW_RUN_ID = ("mlflow_run_id", "tracking.mlflow_runs", "the MLflow run logging it")
+    OVER_BUDGET = ("over_budget", "runner.objective", "parameter count of a model over "
+                   "max_params: never trained, and not counted toward n_trials")
+    PARAMETER_COUNT = ("parameter_count", "runner.objective", "the model's parameters")
+    EPOCHS_RUN = ("epochs_run", "runner.objective", "epochs trained before it ended")
+    TRAIN_SECONDS = ("train_seconds", "runner.objective", "wall time of the whole trial")
+    BEST_EPOCH = ("best_epoch", "runner.objective", "epoch of its best validation accuracy")
+    BEST_VAL_ACCURACY = ("best_val_accuracy", "runner.objective", "that best accuracy")
+    SECONDS_PER_EPOCH = ("seconds_per_epoch", "runner.objective", "mean epoch time")
+    IMAGES_PER_SECOND = ("images_per_second", "runner.objective", "mean training throughput")
+    EPOCHS = ("epochs", "runner.objective", "every epoch's metrics, from which MLflow runs are "
+              "rebuilt (search.sync)")
+    FAIL_REASON = ("fail_reason", "runner.objective, storage.recovery", "why it failed")
+    PRUNED_AT_EPOCH = ("pruned_at_epoch", "runner.objective", "the epoch it was pruned after")
+    RESUMED_FROM_EPOCH = ("resumed_from_epoch", "runner.objective", "the checkpoint epoch a "
+                          "retry resumed from")
 
 
-# (writer, meaning) of every attribute: the reference for whoever reads a study's trials.
-MEANING: dict[TrialAttr | StudyAttr, tuple[str, str]] = {
-    TrialAttr.OWNER: ("runner.process", "{host, pid, started} of the process running the trial, "
-                      "asked whether it still runs (storage.recovery)"),
-    TrialAttr.SAMPLER_SEED: ("runner.process", "the seed of the sampler that proposed the trial"),
-    TrialAttr.RETRY_OF: ("storage.recovery", "the number of the dead trial this one repeats"),
-    TrialAttr.BASELINE: ("storage.studies", "index of the study file's baseline it runs"),
-    TrialAttr.WARM_START: ("storage.studies", "'study#trial' its configuration was taken from"),
-    TrialAttr.SEED: ("runner.objective", "the training seed (a retry keeps the original's)"),
-    TrialAttr.FIXED_PARAMS: ("runner.objective", "the space's fixed values, which Optuna does "
-                             "not store as params"),
-    TrialAttr.CHECKPOINT: ("storage.checkpoints", "{id, epoch} of its last checkpoint artifact"),
-    TrialAttr.MLFLOW_RUN_ID: ("tracking.mlflow_runs", "the MLflow run logging the trial"),
-    TrialAttr.OVER_BUDGET: ("runner.objective", "parameter count of a model over max_params: "
-                            "never trained, and not counted toward n_trials"),
-    TrialAttr.PARAMETER_COUNT: ("runner.objective", "the model's trainable parameters"),
-    TrialAttr.EPOCHS_RUN: ("runner.objective", "epochs trained before it ended"),
-    TrialAttr.TRAIN_SECONDS: ("runner.objective", "wall time of the whole trial"),
-    TrialAttr.BEST_EPOCH: ("runner.objective", "the epoch of its best validation accuracy"),
-    TrialAttr.BEST_VAL_ACCURACY: ("runner.objective", "its best validation accuracy"),
-    TrialAttr.SECONDS_PER_EPOCH: ("runner.objective", "mean epoch time"),
-    TrialAttr.IMAGES_PER_SECOND: ("runner.objective", "mean training throughput"),
-    TrialAttr.EPOCHS: ("runner.objective", "every epoch's metrics, from which MLflow runs are "
-                       "rebuilt (search.sync)"),
-    TrialAttr.FAIL_REASON: ("runner.objective, storage.recovery", "why a FAIL trial failed"),
-    TrialAttr.PRUNED_AT_EPOCH: ("runner.objective", "the epoch after which it was pruned"),
-    TrialAttr.RESUMED_FROM_EPOCH: ("runner.objective", "the checkpoint epoch a retry resumed from"),
-    StudyAttr.FINGERPRINT_SOURCE: ("storage.studies", "the config values a resume must not "
-                                   "change (storage.checks compares them)"),
-    StudyAttr.FINGERPRINT: ("storage.studies", "a hash of fingerprint_source"),
-    StudyAttr.CONFIG: ("storage.studies", "the resolved config, passwords masked: how the "
-                       "report and search.train read the study"),
-    StudyAttr.MODEL: ("storage.studies", "the model, for the dashboard's study list"),
-    StudyAttr.DATASET: ("storage.studies", "the data set, likewise"),
-    StudyAttr.EPOCHS: ("storage.studies", "the epoch budget, likewise"),
-    StudyAttr.MLFLOW_PARENT_RUN_ID: ("tracking.mlflow_runs", "the study's MLflow parent run"),
-}
+class StudyAttr(_Attr):
+    FINGERPRINT_SOURCE = ("fingerprint_source", "storage.studies", "the config values a resume "
+                          "must not change (storage.checks compares them)")
+    FINGERPRINT = ("fingerprint", "storage.studies", "a hash of fingerprint_source")
+    CONFIG = ("config", "storage.studies", "the resolved config, passwords masked: how the "
+              "report and search.train read the study")
+    MODEL = ("model", "storage.studies", "the model, for the dashboard's study list")
+    DATASET = ("dataset", "storage.studies", "the data set, likewise")
+    EPOCHS = ("epochs", "storage.studies", "the epoch budget, likewise")
+    CREATED_COMPLETE = ("created_complete", "storage.studies", "written last when the study is "
+                        "created, after its config, fingerprint, baselines and warm starts: a "
+                        "study without it is half-made (its creator died), and the next process "
+                        "to open it completes the creation (storage.checks.is_created)")
+    MLFLOW_PARENT_RUN_ID = ("mlflow_parent_run_id", "tracking.mlflow_runs", "the study's MLflow "
+                            "parent run")
+
+
 # What a retry inherits from the trial it repeats.
 INHERITED = (TrialAttr.BASELINE, TrialAttr.SEED)
 

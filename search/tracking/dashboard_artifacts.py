@@ -115,14 +115,15 @@ class DashboardArtifacts:
     A failure here (full disk, unwritable folder) warns and stops the uploads; trials go on.
     """
 
-    def __init__(self, config: StudyConfig, experiment_id: str | None = None) -> None:
+    def __init__(self, config: StudyConfig, experiment_id: str | None = None,
+                 write_note: bool = True) -> None:
         self.config, self.experiment_id = config, experiment_id
         self.folder = config.storage.artifact_dir.resolve()
         self.store = artifact_store(config.storage)
         self.drawer = CurveDrawer()
         self.enabled = True
         self.seconds = 0.0
-        self._noted = False
+        self._noted = not write_note  # a worker leaves the note to the main process
 
     @contextlib.contextmanager
     def _uploading(self, what: str) -> Iterator[None]:

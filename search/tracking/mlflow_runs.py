@@ -43,6 +43,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 from urllib.parse import urlparse
 
 import optuna
@@ -96,20 +97,6 @@ def _now_ms() -> int:
 
 # ---------------------------------------------------------------- checking the tracking URI
 
-@contextlib.contextmanager
-def _env(**values: str) -> Iterator[None]:
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def _reason(error: BaseException) -> str:
     """The part of an MLflow/requests error a person needs, on one line."""
     text = " ".join(str(error).split())
@@ -149,7 +136,8 @@ def check_tracking(uri: StoreUrl, experiment: str | None = None) -> None:
     try:
         # One quick try: no retries, a short timeout (read when the request is made).
         # A database store's first use creates its tables: under the lock that ParentRun takes.
-        with _env(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10"), \
+        with patch.dict(os.environ, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+                        MLFLOW_HTTP_REQUEST_TIMEOUT="10"), \
                 DatabaseLock(uri, "mlflow-schema"):
             client = MlflowClient(uri.raw)
             found = (client.get_experiment_by_name(experiment) if experiment
