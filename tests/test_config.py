@@ -138,4 +138,4 @@ def test_a_key_given_twice_is_refused_naming_both_words():
         load_config(["study=cnn3", "epochs=3", "epochs=4"])
     with pytest.raises(SearchError, match="'sampler.name' is given twice"):  # a shorthand too
         load_config(["study=cnn3", "sampler=random", "sampler.name=tpe"])
-    assert load_config(["study=cnn3", "space.dropout.low=0.0", "space.dropout.high=0.3"]).epochs == 10
+    assert load_config(["study=cnn3", "space.dropout.low=0.0", "space.dropout.high=0.3"]).space

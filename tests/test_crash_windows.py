@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import time
 
 import optuna
 import pytest
@@ -21,6 +22,8 @@ from conftest import (
 )
 from optuna.trial import TrialState
 
+from search.config.urls import StoreUrl
+from search.storage.backends import DatabaseLock
 from search.storage.trials import StudyAttr, TrialAttr, counts_toward_n_trials
 
 pytestmark = pytest.mark.slow
@@ -163,19 +166,31 @@ def test_a_stopped_process_on_another_host_is_recovered_by_heartbeat(tmp_path):
     def host(trial):
         return trial.user_attrs.get(TrialAttr.OWNER, {}).get("host")
 
-    def stoppable(trials):
-        """A trial of A's has trained an epoch, and began after B's first (so after B's run)."""
+    def a_started_after_b(trials):
+        """A trial of A's runs, begun after B's first (so after B's run began)."""
         first_of_b = min((t.datetime_start for t in trials if host(t) not in (None, "host-a")),
                          default=None)
         return first_of_b is not None and any(
-            t.state == TrialState.RUNNING and t.intermediate_values and host(t) == "host-a"
-            and t.datetime_start > first_of_b for t in trials)
+            t.state == TrialState.RUNNING and host(t) == "host-a" and t.datetime_start > first_of_b
+            for t in trials)
 
     try:
-        trials = wait_for_running_trial(storage, "cnn3", a, stoppable)
-        a.send_signal(signal.SIGSTOP)
-        (stopped,) = [t for t in trials if t.state == TrialState.RUNNING and host(t) == "host-a"]
-        survivor = finish(b, timeout=120)
+        wait_for_running_trial(storage, "cnn3", a, a_started_after_b)
+        # Holding the study's trial lock stops B at its next reservation, so that B cannot use up
+        # the study (counting A's trial as running) before that trial's heartbeat is stale.
+        with DatabaseLock(StoreUrl(storage), "trials:cnn3"):
+            trials = wait_for_running_trial(storage, "cnn3", a, lambda trials: any(
+                t.state == TrialState.RUNNING and host(t) == "host-a" and t.intermediate_values
+                for t in trials))
+            a.send_signal(signal.SIGSTOP)
+            (stopped,) = [t for t in trials if t.state == TrialState.RUNNING and host(t) == "host-a"]
+            beats = optuna.storages.RDBStorage(storage, heartbeat_interval=1, grace_period=2)
+            study_id, deadline = beats.get_study_id_from_name("cnn3"), time.monotonic() + 30
+            while stopped._trial_id not in beats._get_stale_trial_ids(study_id):
+                assert time.monotonic() < deadline, "A's heartbeat never went stale"
+                time.sleep(0.1)  # the poll interval
+            beats.engine.dispose()
+        survivor = finish(b, timeout=120)  # B's next reservation fails A's trial and retries it
         a.send_signal(signal.SIGCONT)
         woken = finish(a, timeout=60)
     finally:
@@ -192,6 +207,7 @@ def test_a_stopped_process_on_another_host_is_recovered_by_heartbeat(tmp_path):
     assert sum(map(counts_toward_n_trials, trials)) == 6, [(t.number, t.state.name) for t in trials]
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     failed = trials[stopped.number]
-    assert failed.state == TrialState.FAIL and "heartbeat" in failed.user_attrs[TrialAttr.FAIL_REASON]
+    assert failed.state == TrialState.FAIL
+    assert "heartbeat" in failed.user_attrs[TrialAttr.FAIL_REASON]
     retry = [t for t in trials if t.user_attrs.get(TrialAttr.RETRY_OF) == stopped.number]
     assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and host(retry[0]) != "host-a"

@@ -178,7 +178,8 @@ def reserve_and_run(study: optuna.Study, objective: Callable[[optuna.Trial], flo
                 # This process was stopped (SIGSTOP, a hung machine) long enough for another to
                 # fail its trial by heartbeat and queue it again: Optuna then refuses every
                 # write, the final tell included ("Cannot tell a FAIL trial").
-                if not started or started[0].number not in retried(study.get_trials(deepcopy=False)):
+                if not started or started[0].number not in retried(
+                        study.get_trials(deepcopy=False)):
                     raise
                 print(f"trial {started[0].number} was failed by another process while this one "
                       "was stopped (it is retried); going on.", file=sys.stderr, flush=True)

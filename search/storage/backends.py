@@ -73,7 +73,11 @@ class DatabaseLock:
         elif url.backend == "postgresql":
             self._key = url.lock_key(name)
             self._connection = _engine(url.raw).connect()
-            self._connection.exec_driver_sql(f"SELECT pg_advisory_lock({self._key})")
+            try:
+                self._connection.exec_driver_sql(f"SELECT pg_advisory_lock({self._key})")
+            except BaseException:  # a failed or interrupted wait: the connection goes back
+                self._connection.close()
+                raise
 
     def __enter__(self) -> DatabaseLock:
         return self

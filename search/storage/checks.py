@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 from search.config.errors import SearchError, first_line
 from search.config.settings import StudyConfig
 from search.config.urls import StoreUrl, check_writable, masked
+from search.storage.backends import DatabaseLock
 from search.storage.trials import StudyAttr
 
 
@@ -92,7 +93,11 @@ def open_if_exists(url: StoreUrl) -> optuna.storages.RDBStorage | None:
                           f"({', '.join(sorted(tables)[:4])}, ...): another program's data. "
                           f"Point {url.key}= at an Optuna storage or a new database.")
     try:
-        return optuna.storages.RDBStorage(url.raw, skip_table_creation=True)
+        # Under the lock that the process creating the tables holds (`make_storage`): Optuna's
+        # storage writes its version row and stamps alembic_version where they are missing, and
+        # between that process's tables and its stamp two stamps collide (a UniqueViolation).
+        with DatabaseLock(url, "optuna-schema"):
+            return optuna.storages.RDBStorage(url.raw, skip_table_creation=True)
     except Exception as error:  # noqa: BLE001 - any driver/schema error: not a usable storage
         raise SearchError(f"{url.key}={url}: cannot be read as an Optuna storage "
                           f"({masked(first_line(error))}).") from None

@@ -43,6 +43,10 @@ def _seconds(variable: str, default: int) -> int:
     return int(value)
 
 
+STALE_REASON = ("its process sent no heartbeat within the grace period: stopped, hung or cut "
+                "off")
+
+
 class _OwnedTrialsStorage(optuna.storages.RDBStorage):
     """Optuna's RDB storage, except that a trial this process starts is RUNNING only together
     with its owner (`search.storage.recovery` asks the owner whether the trial still runs): a
@@ -64,6 +68,11 @@ class _OwnedTrialsStorage(optuna.storages.RDBStorage):
                                values: Sequence[float] | None = None) -> bool:
         if state == TrialState.RUNNING:  # a queued trial taken: its owner first
             self.set_trial_user_attr(trial_id, TrialAttr.OWNER, self.owner)
+        elif state == TrialState.FAIL and TrialAttr.FAIL_REASON not in self.get_trial(
+                trial_id).user_attrs:
+            # Every FAIL of this package records its reason first, but Optuna's own heartbeat
+            # check (fail_stale_trials, before each trial) fails a stale trial without one.
+            self.set_trial_user_attr(trial_id, TrialAttr.FAIL_REASON, STALE_REASON)
         return super().set_trial_state_values(trial_id, state, values)
 
 
