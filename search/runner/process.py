@@ -141,9 +141,9 @@ def make_observers(config: StudyConfig, write_note: bool = True) -> tuple[object
 # ---------------------------------------------------------------- reserving trials
 
 def reserve_and_run(study: optuna.Study, objective: Callable[[optuna.Trial], float],
-                 config: StudyConfig, *, stop: StopSignal, callbacks: list[Callable],
-                 since: datetime, parent_pid: int | None = None,
-                 sampler_seed: int | None = None) -> None:
+                    config: StudyConfig, *, stop: StopSignal, callbacks: list[Callable],
+                    since: datetime, parent_pid: int | None = None,
+                    sampler_seed: int | None = None) -> None:
     """Runs trials one at a time, each reserved under the study's lock, until the study has
     its `n_trials` (or this run's budget is used up, `timeout` passes, or the parent process
     that started this worker is gone).
