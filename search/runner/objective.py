@@ -164,7 +164,7 @@ class Objective:
                 # TPE and GP learn where models are too large: > 0 is infeasible.
                 trial.set_constraint("max_params", size - budget)
                 if size > budget:
-                    # Never trained, and not counted toward n_trials (see search.storage.studies.counts).
+                    # Never trained, and not counted toward n_trials (see counts_toward_n_trials in search.storage.trials).
                     attrs = {TrialAttr.OVER_BUDGET: size, TrialAttr.PARAMETER_COUNT: size,
                              TrialAttr.EPOCHS_RUN: 0}
                     state = optuna.trial.TrialState.PRUNED

@@ -24,12 +24,18 @@ def check_storage(config: StudyConfig) -> bool:
     returns whether the study exists already (a resume). A half-made study (`is_created`) is
     not one yet: the run that opens it completes its creation with this config."""
     stored = open_if_exists(config.storage)
-    study_id = existing_study_id(stored, config.study_name) if stored is not None else None
-    resume = study_id is not None and is_created(stored, study_id)
-    if resume:
-        check_unchanged(config, stored.get_study_user_attrs(study_id))
-    _check_warm_start(config, optuna.get_all_study_names(stored) if stored is not None else [])
-    return resume
+    if stored is None:
+        _check_warm_start(config, [])
+        return False
+    try:
+        study_id = existing_study_id(stored, config.study_name)
+        resume = study_id is not None and is_created(stored, study_id)
+        if resume:
+            check_unchanged(config, stored.get_study_user_attrs(study_id))
+        _check_warm_start(config, optuna.get_all_study_names(stored))
+        return resume
+    finally:
+        stored.engine.dispose()  # read once: its connection is not held for the whole run
 
 
 def check_folder(url: StoreUrl) -> None:

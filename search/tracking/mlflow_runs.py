@@ -210,13 +210,12 @@ def runs_link(base_url: str, experiment_id: str) -> str:
     return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
-def ui_access(tracking_uri: StoreUrl | str, experiment_id: str) -> tuple[str | None, str]:
+def ui_access(tracking_uri: StoreUrl, experiment_id: str) -> tuple[str | None, str]:
     """How a person opens a study's runs: the command that serves the UI (None for an
     `mlflow server`, which serves it already) and the link to open, password masked in both."""
-    uri = masked(str(tracking_uri))
-    if uri.startswith(("http://", "https://")):
-        return None, runs_link(uri, experiment_id)
-    return f"mlflow ui --backend-store-uri {uri}", runs_link(LOCAL_UI, experiment_id)
+    if tracking_uri.is_http:
+        return None, runs_link(str(tracking_uri), experiment_id)
+    return f"mlflow ui --backend-store-uri {tracking_uri}", runs_link(LOCAL_UI, experiment_id)
 
 
 # ---------------------------------------------------------------- the study's run
