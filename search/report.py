@@ -11,8 +11,7 @@ from typing import Any
 import optuna
 
 from search.analysis.compare import write_comparison
-from search.analysis.compose import ReportOptions, write_report
-from search.analysis.final_models import FinalTrainingHook
+from search.analysis.compose import ReportOptions, StudyReport, write_report
 from search.config.command_line import (
     KEY_HELP,
     command_overrides,
@@ -22,7 +21,7 @@ from search.config.command_line import (
 from search.config.errors import SearchError
 from search.config.settings import whole
 from search.config.urls import check_writable
-from search.storage.reading import LOCATION_KEYS, open_source
+from search.storage.reading import LOCATION_KEYS, StudySource, open_source
 
 SUMMARY = ("Reads a study from its storage (finished, running or interrupted) and writes "
            "reports/<study_name>/: report.md, a self-contained report.html, trials.csv and the "
@@ -76,24 +75,40 @@ def split_studies(overrides: dict[str, Any]) -> list[dict[str, Any]]:
             for study, name in zip(studies, names)]
 
 
-def _writable_out(out: Path) -> None:
+def writable_folder(folder: Path, key: str = "out") -> None:
+    """Creates `folder` or refuses `key=` at once, before hours of retraining."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise SearchError(f"out={out}: cannot create the report folder ({error.strerror or error});"
-                          " point out= at a folder that can be written.") from None
-    check_writable(out, "out", str(out))
+        raise SearchError(f"{key}={folder}: cannot create the folder ({error.strerror or error});"
+                          f" point {key}= at a folder that can be written.") from None
+    check_writable(folder, key, str(folder))
 
 
-def final_run_hook(source) -> FinalTrainingHook | None:
-    """Final runs go to MLflow (tagged as final evaluations) when the study's tracking is on."""
+def final_models_hook(source: StudySource, command: str = "search.report"):
+    """Final runs and their models go to MLflow when the study's tracking is on: a
+    `search.tracking.model_registry.FinalModels`, or None."""
     if not source.config.tracking_enabled:
         return None
-    from search.tracking.mlflow_runs import (
-        final_training_logger,  # mlflow imports take ~2 s
-    )
+    from search.tracking.model_registry import FinalModels  # mlflow imports take ~2 s
 
-    return final_training_logger(source.config, source.study)
+    return FinalModels(source.config, source.study, command)
+
+
+def register_best(report: StudyReport, models) -> str | None:
+    """Registers the rank-1 configuration's first-seed model (chosen by validation rank, as the
+    report's reference model, never by test accuracy); returns a line saying so."""
+    if models is None or report.evaluation is None:
+        return None
+    best = report.evaluation.results[0]
+    registered = models.register_best(best.trial_number, repeat=0)
+    if registered is None:
+        return None
+    name, version = registered
+    accuracy = best.test_accuracies[0]
+    return (f"Registered models:/{name}/{version} in the MLflow Model Registry (trial "
+            f"{best.trial_number}, test accuracy {accuracy:.4f}); load it with "
+            f"search.load_model(\"models:/{name}/{version}\").")
 
 
 def main(argv: list[str]) -> int:
@@ -107,13 +122,19 @@ def main(argv: list[str]) -> int:
     # Open every study and the output folder first, so a typo in the second name or a folder
     # that cannot be written fails before any work (retraining takes hours) is done.
     sources = [open_source(locations) for locations in split_studies(overrides)]
-    _writable_out(options.out)
+    writable_folder(options.out)
     reports = []
     for source in sources:
-        report = write_report(source, options, on_final_run=final_run_hook(source) if options.retrain else None)
+        models = final_models_hook(source) if options.retrain else None
+        report = write_report(source, options, on_final_run=models)
         reports.append(report)
         print(f"Report of study '{source.study.study_name}': {report.markdown} and {report.html} "
               f"({len(report.figures)} figures, trials.csv)")
+        if report.evaluation is not None:
+            print(f"Final models: {report.folder / 'models'}/")
+            registered = register_best(report, models)
+            if registered:
+                print(registered)
     if len(reports) > 1:
         print(f"Comparison: {write_comparison(reports, options.out)}")
     return 0

@@ -6,16 +6,19 @@ validation accuracy per epoch next to what the search recorded, so a result can 
 (seed 1 is the trial's own seed: single-threaded on a CPU it reproduces the trial exactly, while
 parallel kernels may differ by a few images). `seeds=N` adds N-1 further seeds, to see how much
 of a result is luck. `full=true` trains on train + validation and evaluates once on the test set,
-as the report's final evaluation does.
+as the report's final evaluation does, and keeps each model: saved under
+`<out>/<study_name>/models/` and, with MLflow tracking on, logged on its own final run.
 """
 
 from __future__ import annotations
 
 import sys
 import warnings
+from pathlib import Path
 
 import optuna
 
+from search.analysis.compose import MODELS_FOLDER
 from search.analysis.final_models import retrain_trial
 from search.config.command_line import (
     KEY_HELP,
@@ -25,6 +28,7 @@ from search.config.command_line import (
 )
 from search.config.errors import SearchError
 from search.config.settings import flag, whole
+from search.report import final_models_hook, writable_folder
 from search.storage.reading import LOCATION_KEYS, open_source
 from search.training.results import mean_and_std
 
@@ -37,7 +41,8 @@ KEYS = {
     "storage": KEY_HELP["storage"],
     "study_name": KEY_HELP["study_name"],
     "seeds": "training runs with different seeds; the first is the trial's own (default: 1)",
-    "full": "true: train on train + validation, evaluate on the test set (default: false)",
+    "full": "true: train on train + validation, evaluate on the test set, keep the models (default: false)",
+    "out": "with full=true, models are saved in OUT/<study_name>/models/ (default: reports)",
     "device": KEY_HELP["device"],
     "data_dir": "where the dataset is (default: as the study ran)",
 }
@@ -58,12 +63,19 @@ def main(argv: list[str]) -> int:
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     source = open_source({k: v for k, v in overrides.items() if k in LOCATION_KEYS})
-    outcome = retrain_trial(source, number, seeds=seeds, full=full)
+    save_dir = Path(str(overrides.get("out", "reports"))) / source.config.study_name / MODELS_FOLDER
+    if full:
+        writable_folder(save_dir, "out")
+    outcome = retrain_trial(source, number, seeds=seeds, full=full, save_dir=save_dir,
+                            on_final_run=final_models_hook(source, "search.train") if full else None)
     what = "test accuracy" if full else "validation accuracy"
     mean, std = mean_and_std(outcome.accuracies)
     spread = f" ± {std:.4f} (sample std over {seeds} seeds)" if std is not None else ""
     print(f"{what}: {mean:.4f}{spread}; per seed: "
           + ", ".join(f"{a:.4f}" for a in outcome.accuracies))
+    if full:
+        print(f"models saved in {save_dir}/; classify images with: python -m search.predict "
+              f"model={save_dir}/trial-{number:04d}-seed-1.pt images=FOLDER")
     recorded = outcome.trial.intermediate_values
     if not full and recorded:
         # Compare at the last epoch the search saw (a pruned trial stopped before the budget).

@@ -1,10 +1,10 @@
-"""The cluster recipes under deploy/ (SLURM, Kubernetes, Docker Compose).
+"""The cluster recipes under deploy/ (SLURM, Kubernetes, Docker Compose), as files.
 
-No scheduler, cluster or Docker daemon runs here, so each recipe is parsed as its tool would read
-it, its worker command is handed to the real CLI with `--cfg` (which resolves and checks the
-config, then exits without touching a storage or network), and its structure and credentials are
-checked: the storage URL comes from the environment (a file, a Secret, .env), never a literal
-password.
+Each recipe is parsed as its tool would read it, its worker command is handed to the real CLI
+with `--cfg` (which resolves and checks the config, then exits without touching a storage or
+network), and its structure and credentials are checked: the storage URL comes from the
+environment (a file, a Secret, .env), never a literal password. The SLURM recipe also runs on a
+real SLURM in tests/test_slurm.py; no Kubernetes cluster or Docker daemon runs here.
 """
 
 from __future__ import annotations
@@ -89,11 +89,26 @@ def sbatch_options() -> list[str]:
             if line.startswith("#SBATCH ")]
 
 
+def sbatch_arrays() -> dict[str, list[str]]:
+    """The script's bash arrays as first assigned (`name=(word ...)`), split as bash splits them."""
+    arrays: dict[str, list[str]] = {}
+    for line in sbatch_lines():
+        if match := re.fullmatch(r"(\w+)=\((.*)\)", line):
+            arrays.setdefault(match[1], shlex.split(match[2]))
+    return arrays
+
+
 def sbatch_args() -> list[str]:
+    """The arguments of the srun line's `python -m search.run`, an array's words in its place
+    (as sbatch runs the script: no words after the script's name)."""
     sruns = [shlex.split(line) for line in sbatch_lines()
              if line.split()[0] == "srun" or line.startswith("exec srun ")]
     assert len(sruns) == 1, f"expected one srun line in {SBATCH.name}, found {len(sruns)}"
-    return [expand(word, SBATCH_VALUES) for word in after_module(sruns[0], "search.run")]
+    words = []
+    for word in after_module(sruns[0], "search.run"):
+        array = re.fullmatch(r"\$\{(\w+)\[@\]\}", word)
+        words += sbatch_arrays()[array[1]] if array else [word]
+    return [expand(word, SBATCH_VALUES) for word in words]
 
 
 def job_documents() -> dict[str, dict]:
@@ -181,6 +196,21 @@ def test_sbatch_is_a_requeueable_gpu_array_with_the_storage_from_a_private_file(
         checked = subprocess.run(["bash", "-n", str(SBATCH)], capture_output=True, text=True,
                                  check=False)
         assert checked.returncode == 0, checked.stderr
+
+
+def test_sbatch_refuses_a_storage_url_among_its_words(tmp_path) -> None:
+    """The script itself, run by bash up to its words (the refusal comes before srun): a storage
+    URL after the script's name would be shown by scontrol to everyone."""
+    storage_file = tmp_path / "search-storage"
+    storage_file.write_text(STORAGE + "\n")
+    storage_file.chmod(0o600)
+    env = {**cli_env(), "SLURM_SUBMIT_DIR": str(ROOT), "SEARCH_VENV": sys.prefix,
+           "SEARCH_STORAGE_FILE": str(storage_file)}
+    done = subprocess.run(["bash", str(SBATCH), "epochs=3", f"storage={STORAGE}"], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "error: storage= on the command line" in done.stderr
+    assert ":pw@" not in done.stdout + done.stderr
 
 
 # ---------------------------------------------------------------- Kubernetes

@@ -129,7 +129,7 @@ def test_a_report_folder_that_is_a_file_is_refused(finished_study):
     (finished_study / "taken").write_text("not a folder")
     result = run_cli("search.report", "study=cnn3", "storage=sqlite:///db/optuna.db", "out=taken",
                      cwd=finished_study)
-    clean_refusal(result, "out=taken: cannot create the report folder")
+    clean_refusal(result, "out=taken: cannot create the folder")
 
 
 # The scenario runs inside the namespace, where the tiny disk exists: start a study, fill the disk

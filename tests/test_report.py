@@ -24,6 +24,8 @@ from search.analysis.render import Table, format_cell, to_markdown
 from search.config.command_line import main_guard
 from search.report import main as report_main
 from search.report import split_studies
+from search.training.classifier import load_classifier, score
+from search.training.images import load_split
 
 pytestmark = pytest.mark.slow  # the shared study is made by the command, in a subprocess
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -196,6 +198,23 @@ def test_final_evaluation_reports_test_accuracy_mean_and_std(built: Built) -> No
     assert "test_accuracy_mean" in section and "test_accuracy_std" in section and " ± " in section
     if "Rank 1 minus baseline" in section:  # the baseline was not itself rank 1
         assert re.search(r"Welch's t-test over the seeds: p = [0-9.e-]+, (not )?significant", section)
+
+
+def test_every_final_model_is_saved_and_scores_what_the_table_says(built: Built) -> None:
+    """Each configuration's seeds are saved with their card; loaded again, each gets exactly the
+    test accuracy the final table lists for it (nothing registered: tracking is off here)."""
+    with (built.folder / "final.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    test = load_split("fake", "data", train=False)
+    saved = sorted(p.name for p in (built.folder / "models").iterdir())
+    assert saved == sorted(f"trial-{int(r['trial']):04d}-seed-{seed}.pt" for r in rows for seed in (1, 2))
+    for row in rows:
+        for seed, listed in enumerate(row["per seed"].split(", "), 1):
+            model = load_classifier(built.folder / f"models/trial-{int(row['trial']):04d}-seed-{seed}.pt")
+            accuracy = score(model, test)[1]
+            assert accuracy == model.card.test_accuracy and f"{accuracy:.4f}" == listed
+            assert model.card.label == row["configuration"] and model.card.train_images == 1024
+    assert "Registered" not in built.stdout and "`models/`" in built.markdown
 
 
 def test_accuracy_against_size_marks_the_pareto_front(built: Built) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from conftest import (
     AGGRESSIVE_PRUNER,
     FINISHED,
@@ -37,7 +38,6 @@ from search.tracking.mlflow_runs import (
     ParentRun,
     TrialLogger,
     check_tracking,
-    final_training_logger,
 )
 from search.training.results import EpochMetrics, FinalTraining
 
@@ -292,21 +292,50 @@ def test_a_failing_tracking_store_warns_and_never_fails_the_trial(mlflow_server,
     assert "MLflow logging failed" in capsys.readouterr().err
 
 
-def test_final_evaluations_are_logged_under_the_study_parent(mlflow_server, tmp_path):
+def test_final_models_are_logged_under_the_study_parent_and_registered(mlflow_server, tmp_path,
+                                                                       capsys):
+    from test_predict import make_model
+
+    from search.tracking.model_registry import FinalModels, load_logged_model
+    from search.training.classifier import class_scores
+
     config, study = tracked_study(tmp_path, mlflow_server, "finals")
     study.set_user_attr(StudyAttr.MLFLOW_PARENT_RUN_ID, "not-a-real-parent")
-    log = final_training_logger(config, study)
-    log(FinalTraining("finals", "rank 1", 7, 0, 11, {"lr": 0.1, "optimizer": "sgd"}, 2, 0.75, 0.9,
-                 1.5, 1234, [_metrics(1, 0.5), _metrics(2, 0.7)]))
+    models = FinalModels(config, study)
+    model = make_model()  # trial 7, seed 11, test accuracy 0.25 on its card
+    models(FinalTraining(model.card, 0, 1.5, 1234, [_metrics(1, 0.5), _metrics(2, 0.7)], model, None))
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("finals")
     [run] = client.search_runs([experiment.experiment_id],
                                filter_string="tags.`search.role` = 'final_evaluation'")
     assert run.data.tags["trial_number"] == "7" and run.data.tags["label"] == "rank 1"
     assert run.data.tags["mlflow.parentRunId"] == "not-a-real-parent"
-    assert run.data.metrics["test_accuracy"] == 0.75 and run.data.params["lr"] == "0.1"
+    assert run.data.metrics["test_accuracy"] == 0.25 and run.data.params["optimizer"] == "adam"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
     assert run.info.status == "FINISHED"
+
+    # Registered twice (two reports): two versions, tagged from the card; loaded back through
+    # the server, the same weights.
+    assert models.register_best(7) == ("finals-best", "1")
+    assert models.register_best(7) == ("finals-best", "2")
+    tags = client.get_model_version("finals-best", "2").tags
+    assert tags["test_accuracy"] == "0.25" and tags["trial_number"] == "7" and tags["seed"] == "11"
+    loaded = load_logged_model("models:/finals-best/2", StoreUrl(mlflow_server, "tracking_uri"))
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    assert loaded.card == model.card and torch.equal(class_scores(loaded, images),
+                                                     class_scores(model, images))
+    with pytest.raises(SearchError, match="finals-best.*cannot be loaded"):
+        load_logged_model("models:/finals-best/3", StoreUrl(mlflow_server, "tracking_uri"))
+
+    # A store that fails mid-report costs the MLflow copy, not the training: a warning naming
+    # the saved file, and nothing to register.
+    def broken(*args, **kwargs):
+        raise ConnectionError("server went away")
+
+    models.client.create_run = broken
+    models(FinalTraining(model.card, 1, 1.5, 1234, [], model, "reports/finals/models/x.pt"))
+    assert "could not log the final model of trial 7 (seed 2)" in capsys.readouterr().err
+    assert models.register_best(7, repeat=1) is None
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ trained again and gives the same validation accuracy, epoch by epoch; `full=true
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import optuna
 import pytest
@@ -18,7 +19,8 @@ from search.runner.objective import Objective
 from search.storage.reading import open_source, retrain_command
 from search.storage.studies import open_study
 from search.train import main as train_main
-from search.training.images import SearchData
+from search.training.classifier import load_classifier, score
+from search.training.images import SearchData, load_split
 
 ARGS = [*FAKE, *SMALL_CNN, "epochs=2", "tracking_uri=none", "baselines=[]"]
 
@@ -47,10 +49,11 @@ def test_retraining_a_trial_reproduces_its_validation_accuracy(storage: str) -> 
     assert any("(search: " in line for line in lines)
 
 
-def test_full_true_trains_on_train_and_val_and_reports_test_accuracy(storage: str, capsys) -> None:
+def test_full_true_trains_on_train_and_val_and_reports_test_accuracy(storage: str, capsys,
+                                                                     tmp_path: Path) -> None:
     with one_thread():
         code = main_guard(train_main, ["study=cnn3", f"storage={storage}", "trial=0", "full=true",
-                                       "seeds=2"])
+                                       "seeds=2", f"out={tmp_path}"])
     assert code == 0
     out = capsys.readouterr().out
     assert "train + validation" in out
@@ -58,6 +61,12 @@ def test_full_true_trains_on_train_and_val_and_reports_test_accuracy(storage: st
     assert match, out
     mean, std, first, second = map(float, match.groups())
     assert 0 <= mean <= 1 and std >= 0 and mean == pytest.approx((first + second) / 2, abs=1e-4)
+    # Each model is kept, and scores what was printed for its seed.
+    test = load_split("fake", "data", train=False)
+    for seed, printed in ((1, first), (2, second)):
+        model = load_classifier(tmp_path / f"cnn3/models/trial-0000-seed-{seed}.pt")
+        assert model.card.trial_number == 0 and model.card.train_images == 1024
+        assert round(score(model, test)[1], 4) == printed == round(model.card.test_accuracy, 4)
 
 
 def test_report_command_names_this_trial(storage: str) -> None:

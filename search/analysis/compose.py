@@ -41,6 +41,9 @@ MOST_IMPORTANT = 4
 PARALLEL_PARAMS = 8
 
 
+MODELS_FOLDER = "models"  # within the report's folder
+
+
 class ReportOptions(NamedTuple):
     top_k: int = 5
     retrain: int = 0                            # retrain the top N on train+val; 0: no final evaluation
@@ -272,8 +275,8 @@ def _final_blocks(study, config: StudyConfig, options: ReportOptions, drawer: _F
     log(f"final evaluation: {len(entries)} configurations x {options.seeds} seeds x "
         f"{config.epochs} epochs on {config.dataset}")
     evaluation = final_evaluation(config, entries, seeds=options.seeds,
-                                        device=resolve_device(config.device), on_run=on_final_run,
-                                        log=log)
+                                  device=resolve_device(config.device), on_run=on_final_run,
+                                  log=log, save_dir=drawer.folder / MODELS_FOLDER)
     table = final_tables.final_table(evaluation)
     table.to_csv(drawer.folder / "final.csv", index=False)
     blocks.append(Text(
@@ -281,6 +284,13 @@ def _final_blocks(study, config: StudyConfig, options: ReportOptions, drawer: _F
         f"images: train + validation) for the full budget of {evaluation.epochs} epochs with "
         f"{evaluation.seeds} seed(s), and each model was evaluated once on the "
         f"{evaluation.test_images} test images. Mean ± sample standard deviation over seeds."))
+    blocks.append(Text(
+        f"Every one of these models is saved in `{MODELS_FOLDER}/` (`trial-NNNN-seed-K.pt`: the "
+        "weights with the model's card: parameters, normalisation, class names, test accuracy). "
+        "Load one with `search.load_model(path)`, or classify images with `python -m "
+        f"search.predict model={MODELS_FOLDER}/<file> images=<folder>`."
+        + (" With MLflow tracking on, each is also logged on its final run, and rank 1's first "
+           "seed is registered as `" + config.study_name + "-best`." if config.tracking_enabled else "")))
     blocks.append(Table(table))
     baseline = next((r for r in evaluation.results if "baseline" in r.label), None)
     best = evaluation.results[0]
@@ -295,7 +305,7 @@ def _final_blocks(study, config: StudyConfig, options: ReportOptions, drawer: _F
                            f"accuracy{spread}." + significance(best, baseline)))
     if evaluation.predictions is not None:
         predictions = evaluation.predictions
-        names = final_tables.class_names(config.dataset)
+        names = DATASETS[config.dataset].classes
         who = f"{predictions.label} (trial {predictions.trial_number}), first seed"
         matrix = final_tables.confusion(predictions, len(names))
         drawer.add(blocks, "confusion_matrix.png",

@@ -9,8 +9,10 @@ loads the test split.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -23,6 +25,13 @@ from search.config.settings import StudyConfig
 from search.storage.reading import StudySource
 from search.storage.trials import TrialAttr, params_of
 from search.training.augment import BatchLoader
+from search.training.classifier import (
+    Classifier,
+    classifier_from_state,
+    network_weights,
+    save_classifier,
+    score,
+)
 from search.training.images import (
     DATASETS,
     DatasetSpec,
@@ -32,7 +41,6 @@ from search.training.images import (
 )
 from search.training.loop import (
     Speed,
-    evaluate,
     make_loader,
     predict,
     resolve_device,
@@ -41,6 +49,7 @@ from search.training.loop import (
 from search.training.results import (
     EpochMetrics,
     FinalTraining,
+    ModelCard,
     TrainResult,
     mean_and_std,
     repeat_seed,
@@ -102,17 +111,17 @@ class FinalEvaluation(NamedTuple):
 
 def final_evaluation(config: StudyConfig, entries: Sequence[tuple[str, FrozenTrial]], *,
                      seeds: int, device: torch.device, on_run: FinalTrainingHook | None = None,
-                     log: Callable[[str], None] = print,
-                     with_predictions: bool = True) -> FinalEvaluation:
+                     log: Callable[[str], None] = print, with_predictions: bool = True,
+                     save_dir: Path | None = None) -> FinalEvaluation:
     """Retrains each (label, trial) on train + validation for `config.epochs` with `seeds`
-    seeds and evaluates each model once on the test set. The first entry's first model is the
-    reference for the confusion matrix and the t-SNE (`with_predictions`): chosen by validation
-    rank, never by test accuracy.
+    seeds and evaluates each model once on the test set; with `save_dir`, each model is saved
+    there as `trial-NNNN-seed-K.pt` (`search.training.classifier`). The first entry's first
+    model is the reference for the confusion matrix and the t-SNE (`with_predictions`): chosen
+    by validation rank, never by test accuracy.
     """
     spec = DATASETS[config.dataset]
     full_train = load_split(config.dataset, config.data_dir, train=True)
     test = load_split(config.dataset, config.data_dir, train=False)
-    test_loader = _eval_loader(test, spec, device)
     results, predictions = [], None
     for label, trial in entries:
         params = params_of(trial, config.space)
@@ -123,20 +132,35 @@ def final_evaluation(config: StudyConfig, entries: Sequence[tuple[str, FrozenTri
             result = retrain(config, params, train_data=full_train, val_data=None, spec=spec,
                              seed=seed, device=device)
             seconds.append(time.perf_counter() - started)
-            test_loss, test_accuracy = evaluate(result.model, test_loader, device)
-            accuracies.append(test_accuracy)
-            log(f"final: {label} (trial {trial.number}) seed {repeat + 1}/{seeds}: "
-                f"test accuracy {test_accuracy:.4f} ({seconds[-1]:.0f} s)")
+            card = ModelCard(config.model, params, spec.name, spec.channels, spec.image_size,
+                             spec.mean, spec.std, spec.classes, config.study_name, trial.number,
+                             label, seed, config.epochs, len(full_train), trial.value,
+                             test_accuracy=float("nan"), test_loss=float("nan"))
+            model, card = tested_model(card, result, test, device)
+            accuracies.append(card.test_accuracy)
+            path = (save_classifier(model, save_dir / f"trial-{trial.number:04d}-seed-{repeat + 1}.pt")
+                    if save_dir is not None else None)
+            log(f"final: {label} (trial {trial.number}) seed {repeat + 1}/{seeds}: test accuracy "
+                f"{card.test_accuracy:.4f} ({seconds[-1]:.0f} s)" + (f", saved {path}" if path else ""))
             if on_run is not None:
-                on_run(FinalTraining(config.study_name, label, trial.number, repeat, seed, params,
-                                config.epochs, test_accuracy, test_loss, seconds[-1],
-                                result.parameter_count, result.history))
+                on_run(FinalTraining(card, repeat, seconds[-1], result.parameter_count,
+                                     result.history, model, str(path) if path else None))
             if with_predictions and predictions is None:
                 predictions = predict_test_set(result.model, test, spec, device, label,
                                                trial.number)
         results.append(FinalResult(label, trial.number, trial.value, tuple(accuracies),
                                    sum(seconds) / len(seconds)))
     return FinalEvaluation(results, predictions, seeds, config.epochs, len(full_train), len(test))
+
+
+def tested_model(card: ModelCard, result: TrainResult, test: ImageSet,
+                 device: torch.device) -> tuple[Classifier, ModelCard]:
+    """The trained network as the `Classifier` a user will load, and its card with the test
+    accuracy of that very model (see `classifier_from_state`)."""
+    model = classifier_from_state(card, network_weights(result.model)).to(device)
+    test_loss, test_accuracy = score(model, test)
+    model.card = dataclasses.replace(card, test_accuracy=test_accuracy, test_loss=test_loss)
+    return model, model.card
 
 
 def _eval_loader(data: ImageSet, spec: DatasetSpec, device: torch.device) -> BatchLoader:
@@ -200,9 +224,10 @@ def describe(trial: FrozenTrial) -> str:
 
 
 def retrain_trial(source: StudySource, number: int, *, seeds: int = 1, full: bool = False,
-                  on_final_run: FinalTrainingHook | None = None,
+                  on_final_run: FinalTrainingHook | None = None, save_dir: Path | None = None,
                   log: Callable[[str], None] = print) -> RetrainOutcome:
-    """Trains trial `number`'s configuration `seeds` times for the study's full epoch budget."""
+    """Trains trial `number`'s configuration `seeds` times for the study's full epoch budget;
+    with `full`, the final models are saved in `save_dir` (see `final_evaluation`)."""
     config, trial = source.config, find_trial(source, number)
     device = resolve_device(config.device)
     params = params_of(trial, config.space)
@@ -213,7 +238,7 @@ def retrain_trial(source: StudySource, number: int, *, seeds: int = 1, full: boo
         log("  full=true: training on train + validation and evaluating once on the test set.")
         evaluation = final_evaluation(config, [(f"trial {trial.number}", trial)], seeds=seeds,
                                       device=device, on_run=on_final_run, log=log,
-                                      with_predictions=False)
+                                      with_predictions=False, save_dir=save_dir)
         return RetrainOutcome(trial, True, evaluation.results[0].test_accuracies, ())
     data = load_search_data(config.dataset, config.data_dir, val_size=config.val_size,
                             seed=config.seed)

@@ -8,19 +8,6 @@ import numpy as np
 import pandas as pd
 
 from search.analysis.final_models import FinalEvaluation, TestPredictions
-from search.training.images import DATASETS
-
-# Class names where the data set has well-known ones; others are numbered.
-CLASS_NAMES = {
-    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                "truck"),
-    "fashion_mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                      "Sneaker", "Bag", "Ankle boot"),
-}
-
-
-def class_names(dataset: str) -> tuple[str, ...]:
-    return CLASS_NAMES.get(dataset, tuple(str(i) for i in range(DATASETS[dataset].num_classes)))
 
 
 def final_table(evaluation: FinalEvaluation) -> pd.DataFrame:

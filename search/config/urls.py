@@ -37,6 +37,15 @@ SERVER_ARTIFACT_DIR = Path("mlruns") / ARTIFACT_DIR_NAME
 LOCK_DIR = Path(tempfile.gettempdir()) / "search-locks"
 
 
+# MLflow's own addresses of a logged or registered model: `models:/cnn3-best/1`,
+# `models:/cnn3-best@champion`, `runs:/<run_id>/model`.
+MODEL_URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
+def is_model_uri(text: str) -> bool:
+    return text.startswith(MODEL_URI_SCHEMES)
+
+
 def masked(text: str) -> str:
     """A URL (or an error message that is one) with its password replaced by ***."""
     with contextlib.suppress(Exception):

@@ -20,6 +20,7 @@ import torch
 from search.config.settings import StudyConfig
 from search.config.space import suggest
 from search.storage.checkpoints import Checkpoints
+from search.storage.recovery import retry
 from search.storage.trials import TrialAttr
 from search.training.images import SearchData
 from search.training.loop import TrainingDiverged, train
@@ -139,6 +140,7 @@ class Objective:
         observing: list[TrialObserver] = []
         started = time.perf_counter()
         taken_over = False  # failed meanwhile by another process, which retries it
+        requeued = False    # stopped by a signal and queued again: its checkpoint is handed on
 
         def on_epoch(metrics: EpochMetrics) -> bool:
             history.append(metrics)
@@ -210,6 +212,10 @@ class Objective:
                 self.stop.leave_trial()  # a second Ctrl-C must not cut recording the first
             attrs = self._fail(trial, history, self.stop.reason if self.stop else
                                StopSignal.REASONS[signal.SIGINT], started)
+            # Stopped from outside (a scheduler's time limit, preemption, requeue or scancel;
+            # Ctrl-C): no fault of its parameters, so it runs again, from its checkpoint.
+            retry(trial.study, trial)
+            requeued = True
             raise
         except Exception as error:  # noqa: BLE001 - one bad sample must never end the study
             reason = _failure(error, self.device)
@@ -222,7 +228,7 @@ class Objective:
             for observer in [] if taken_over else observing:
                 observer.trial_finished(trial, state, params, attrs, history)
             if (self.checkpoints is not None and state != optuna.trial.TrialState.RUNNING
-                    and not taken_over):
+                    and not taken_over and not requeued):
                 self.checkpoints.discard(trial)
 
     def _fail(self, trial: optuna.Trial, history: list[EpochMetrics], reason: str,

@@ -55,8 +55,12 @@ def is_alive(owner: dict[str, Any]) -> bool:
     return started is None or owner.get("started") is None or started == owner["started"]
 
 
-def retry(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Queues a failed trial again with its parameters (Optuna's heartbeat callback too)."""
+def retry(study: optuna.Study, trial: FrozenTrial | optuna.Trial) -> None:
+    """Queues a failed trial again with its parameters (Optuna's heartbeat callback too), once:
+    a trial stopped by a signal is queued by its own process before Optuna records its FAIL,
+    and a process killed in between leaves it RUNNING for recovery, which must not queue it twice."""
+    if trial.number in retried(study.get_trials(deepcopy=False)):
+        return
     attrs = {k: trial.user_attrs[k] for k in INHERITED if k in trial.user_attrs}
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,

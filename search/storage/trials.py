@@ -34,7 +34,8 @@ class TrialAttr(_Attr):
     OWNER = ("owner", "storage.studies", "{host, pid, started} of the process running the "
              "trial, recorded as it starts; storage.recovery asks whether it still runs")
     SAMPLER_SEED = ("sampler_seed", "runner.process", "seed of the sampler that proposed it")
-    RETRY_OF = ("retry_of", "storage.recovery", "the number of the dead trial it repeats")
+    RETRY_OF = ("retry_of", "storage.recovery", "the number of the trial it repeats, whose "
+                "process died or was stopped by a signal")
     BASELINE = ("baseline", "storage.studies", "index of the study file's baseline it runs")
     WARM_START = ("warm_start", "storage.studies", "'study#trial' its configuration came from")
     SEED = ("seed", "runner.objective", "the training seed (a retry keeps the original's)")

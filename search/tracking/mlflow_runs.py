@@ -15,7 +15,8 @@ Either side leads to the other: the Optuna trial stores the run id (user attribu
 
 Everything goes through `MlflowClient` with explicit run ids and batched writes, never through the
 fluent `mlflow.start_run` stack: that stack is per-process global state, wrong as soon as trials
-run in several threads or worker processes at once. This is the only module that imports mlflow.
+run in several threads or worker processes at once. The final models (`model_registry`) are the
+only other place MLflow is used.
 
 Example (what `search.runner.process` does)::
 
@@ -60,7 +61,7 @@ from search.storage.backends import DatabaseLock, write_ahead_log
 from search.storage.checks import table_names
 from search.storage.trials import StudyAttr, TrialAttr, params_of
 from search.training.loop import resolve_device
-from search.training.results import EpochMetrics, FinalTraining
+from search.training.results import EpochMetrics
 
 # What the experiment holds, for MLflow. (MLflow 3.17's UI does not read it to pick its GenAI or
 # model-training mode, which it keeps per browser: `runs_link` sets that mode.)
@@ -91,13 +92,13 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BA
 BACKOFF_SECONDS = (5, 15, 60, 300)
 
 
-def _now_ms() -> int:
+def now_ms() -> int:
     return int(time.time() * 1000)
 
 
 # ---------------------------------------------------------------- checking the tracking URI
 
-def _reason(error: BaseException) -> str:
+def short_reason(error: BaseException) -> str:
     """The part of an MLflow/requests error a person needs, on one line."""
     text = " ".join(str(error).split())
     for marker in ("Connection refused", "Name or service not known", "timed out",
@@ -146,7 +147,7 @@ def check_tracking(uri: StoreUrl, experiment: str | None = None) -> None:
         hint = (" Start it (e.g. `mlflow server --backend-store-uri sqlite:///mlflow.db "
                 "--host 127.0.0.1 --port 5000`) or fix the URL." if uri.is_http else "")
         raise SearchError(f"tracking_uri={uri}: cannot reach the MLflow tracking store "
-                          f"({masked(_reason(error))}).{hint}{off}") from None
+                          f"({masked(short_reason(error))}).{hint}{off}") from None
     if found is not None:
         _refuse_deleted(found, uri)
 
@@ -187,7 +188,7 @@ def artifact_location(uri: StoreUrl, experiment_name: str) -> str | None:
     return str(database.resolve().parent / "artifacts" / safe)
 
 
-def _param_value(value: Any) -> str:
+def param_value(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
@@ -262,7 +263,7 @@ class ParentRun:
                 self.experiment_id = self._experiment_id()
         except Exception as error:  # noqa: BLE001 - a server that refuses us, a broken file
             raise SearchError(f"tracking_uri={config.tracking_uri}: cannot open the "
-                              f"experiment '{config.study_name}' ({masked(_reason(error))}). Add "
+                              f"experiment '{config.study_name}' ({masked(short_reason(error))}). Add "
                               "tracking_uri=none to run without MLflow logging.") from None
         self.parent_run_id: str | None = None
         self.commit = git_commit()
@@ -284,7 +285,7 @@ class ParentRun:
             pause = BACKOFF_SECONDS[min(self._failures, len(BACKOFF_SECONDS) - 1)]
             self._failures += 1
             self._paused_until = time.monotonic() + pause
-            print(f"warning: MLflow logging failed while {what} ({masked(_reason(error))}); "
+            print(f"warning: MLflow logging failed while {what} ({masked(short_reason(error))}); "
                   f"trying again in {pause} s. The study goes on; what is not logged meanwhile "
                   "is backfilled from the study at its end (or by python -m search.sync).",
                   file=sys.stderr, flush=True)
@@ -374,7 +375,7 @@ class ParentRun:
         params = {"model": config.model, "dataset": config.dataset, "epochs": config.epochs,
                   "seed": config.seed, "sampler": config.sampler.name,
                   "pruner": config.pruner.name}
-        self.client.log_batch(mine, params=[Param(k, _param_value(v)) for k, v in params.items()])
+        self.client.log_batch(mine, params=[Param(k, param_value(v)) for k, v in params.items()])
         candidates = self._parent_candidates(study)
         winner = candidates[0].info.run_id if candidates else mine
         if winner != mine:
@@ -387,7 +388,7 @@ class ParentRun:
         tags = [RunTag("best_trial", str(number)), RunTag("best_run_id", run_id or ""),
                 RunTag("best_params", json.dumps(params, sort_keys=True, default=str)[:5000])]
         self.client.log_batch(self.parent_run_id, tags=tags,
-                              metrics=[Metric("best_val_accuracy", float(value), _now_ms(), step)])
+                              metrics=[Metric("best_val_accuracy", float(value), now_ms(), step)])
 
     def end(self, study: optuna.Study, interrupted: bool) -> None:
         """Backfills every trial's run from the study, then closes the parent run (KILLED on
@@ -468,7 +469,7 @@ class ParentRun:
     def trial_params(self, params: dict[str, Any]) -> list[Param]:
         fixed = {"model": self.config.model, "dataset": self.config.dataset,
                  "epochs": self.config.epochs, "seed": self.config.seed}
-        return [Param(k, _param_value(v)) for k, v in {**fixed, **params}.items()]
+        return [Param(k, param_value(v)) for k, v in {**fixed, **params}.items()]
 
     def _create_trial_run(self, trial: FrozenTrial, parent: str) -> None:
         start = int(trial.datetime_start.timestamp() * 1000) if trial.datetime_start else None
@@ -486,7 +487,7 @@ class ParentRun:
         if params:
             self.client.log_batch(run_id, params=params)
         logged = {m.step for m in self.client.get_metric_history(run_id, "val_accuracy")}
-        now = _now_ms()
+        now = now_ms()
         metrics = [Metric(k, float(v), now, epoch["epoch"])
                    for epoch in trial_epochs(trial) if epoch["epoch"] not in logged
                    for k, v in epoch.items() if k != "epoch" and v is not None]
@@ -508,7 +509,7 @@ def trial_epochs(trial: FrozenTrial) -> list[dict[str, Any]]:
 
 
 def final_metrics(attrs: dict[str, Any], step: int) -> list[Metric]:
-    now = _now_ms()
+    now = now_ms()
     return [Metric(name, float(attrs[key]), now, step)
             for key, name in FINAL_METRICS.items() if attrs.get(key) is not None]
 
@@ -552,7 +553,7 @@ class TrialLogger:
         if run_id is None or not self.study_run.available():
             return
         with self.study_run.guard(f"logging epoch {metrics.epoch} of trial {trial.number}"):
-            now = _now_ms()
+            now = now_ms()
             self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, metrics.epoch)
                                                    for k, v in metrics.as_dict().items()])
 
@@ -564,7 +565,7 @@ class TrialLogger:
         with self.study_run.guard(f"finishing trial {trial.number}"):
             self.client.log_batch(run_id, metrics=final_metrics(attrs, len(history)),
                                   tags=end_tags(state, attrs))
-            self.client.set_terminated(run_id, RUN_STATUS.get(state, "FAILED"), end_time=_now_ms())
+            self.client.set_terminated(run_id, RUN_STATUS.get(state, "FAILED"), end_time=now_ms())
             if state == TrialState.COMPLETE and history:
                 self._update_best(trial, history[-1].val_accuracy, params, run_id)
 
@@ -589,44 +590,3 @@ class TrialLogger:
                   f"'{config.study_name}' in {config.tracking_uri}; logging took "
                   f"{self.study_run.seconds / self.trials * 1000:.0f} ms per trial "
                   f"(+{self.study_run.setup_seconds:.1f} s once to connect).", flush=True)
-
-
-# ---------------------------------------------------------------- final evaluations (the report)
-
-def final_training_logger(config: StudyConfig, study: optuna.Study):
-    """A hook for `search.report`: logs each final training run (train+val, one test evaluation)
-    as its own run in the study's experiment, nested under the study's parent run when there is
-    one and tagged `search.role=final_evaluation`, so final test accuracies sit next to the
-    search in the MLflow UI without being mistaken for trials.
-
-    Returns:
-        A callable taking a `search.training.results.FinalTraining`.
-    """
-    check_tracking(config.tracking_uri)
-    study_run = ParentRun(config)  # finds or creates the study's experiment
-    client, experiment_id = study_run.client, study_run.experiment_id
-    parent = study.user_attrs.get(StudyAttr.MLFLOW_PARENT_RUN_ID)
-    commit = git_commit()
-
-    def log(run: FinalTraining) -> None:
-        tags = {ROLE_TAG: "final_evaluation", "study_name": run.study_name,
-                "trial_number": str(run.trial_number), "label": run.label,
-                "repeat": str(run.repeat), "torch_version": torch.__version__,
-                "mlflow.source.name": "search.report"}
-        if parent:
-            tags[PARENT_TAG] = parent
-        if commit:
-            tags[GIT_COMMIT_TAG] = commit
-        created = client.create_run(experiment_id, tags=tags,
-                                    run_name=f"final-trial-{run.trial_number:04d}-seed-{run.seed}")
-        run_id, now = created.info.run_id, _now_ms()
-        params = {"model": config.model, "dataset": config.dataset, "epochs": run.epochs,
-                  "seed": run.seed, **run.params}
-        metrics = [Metric(k, float(v), now, m.epoch) for m in run.history for k, v in m.as_dict().items()]
-        metrics += [Metric(name, float(getattr(run, name)), now, run.epochs)
-                    for name in ("test_accuracy", "test_loss", "train_seconds", "parameter_count")]
-        client.log_batch(run_id, params=[Param(k, _param_value(v)) for k, v in params.items()],
-                         metrics=metrics)
-        client.set_terminated(run_id, "FINISHED", end_time=_now_ms())
-
-    return log

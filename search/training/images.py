@@ -376,8 +376,8 @@ def _load_fashion_mnist(data_dir: Path, *, train: bool, download: bool) -> Image
         _ANNOUNCED.add(image_path)
         print(f"note: fashion_mnist from {FASHION_MNIST_SYSTEM_DIR} (Debian's "
               f"dataset-fashion-mnist; there is no copy under {data_dir}/).", file=sys.stderr)
-    images = _read_idx(image_path, ndim=3)
-    labels = _read_idx(label_path, ndim=1).astype(np.int64)
+    images = read_idx(image_path, ndim=3)
+    labels = read_idx(label_path, ndim=1).astype(np.int64)
     if len(images) != len(labels) or (len(labels) > 0 and labels.max() >= 10):
         raise SearchError(
             f"{image_path} and {label_path} do not match: {len(images)} images, "
@@ -399,7 +399,7 @@ def _find_fashion_mnist(
     return None
 
 
-def _read_idx(path: Path, *, ndim: int) -> np.ndarray:
+def read_idx(path: Path, *, ndim: int) -> np.ndarray:
     """Parses an idx file of unsigned bytes (magic 0x0000 0x08 ndim, then big-endian dims)."""
     opener: Callable = gzip.open if path.suffix == ".gz" else open
     try:

@@ -70,19 +70,62 @@ def mean_and_std(values: Sequence[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-class FinalTraining(NamedTuple):
-    """One final training run: a configuration, a seed, its test accuracy. Passed to the
-    `on_run` hook of a final evaluation (e.g. to log it to MLflow)."""
+MODEL_FORMAT = 1  # bumped when a saved model's layout changes; `search.load_model` checks it
 
-    study_name: str
-    label: str                                  # "rank 1", "baseline", ...
-    trial_number: int
-    repeat: int
-    seed: int
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Everything a saved final model needs besides its weights to be used and trusted: how to
+    rebuild the network, how to feed it (image size, channels, normalisation), what its outputs
+    mean (class names), and where it came from (study, trial, seed, accuracies).
+
+    Plain JSON-able values, so the card is readable without PyTorch: it is saved beside the
+    weights, logged to MLflow as the model's metadata and tags, and printed by `search.predict`.
+    """
+
+    model: str
     params: dict[str, Any]
+    dataset: str
+    channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: tuple[str, ...]
+    study_name: str
+    trial_number: int
+    label: str                                  # "rank 1", "baseline", ...
+    seed: int
     epochs: int
-    test_accuracy: float
+    train_images: int
+    val_accuracy: float | None                  # what the search measured (validation split)
+    test_accuracy: float                        # measured on the saved model, as loaded
     test_loss: float
+    format: int = MODEL_FORMAT
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelCard:
+        known = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()
+                 if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def describe(self) -> str:
+        return (f"{self.model} on {self.dataset} ({self.image_size}x{self.image_size}, "
+                f"{self.channels} channel(s), {len(self.classes)} classes): study "
+                f"'{self.study_name}' trial {self.trial_number} ({self.label}), seed {self.seed}, "
+                f"test accuracy {self.test_accuracy:.4f}")
+
+
+class FinalTraining(NamedTuple):
+    """One final training run (train + validation, one test evaluation), passed to the `on_run`
+    hook of a final evaluation (e.g. to log it and its model to MLflow)."""
+
+    card: ModelCard                             # the configuration, seed and test accuracy
+    repeat: int                                 # 0 for the first seed
     train_seconds: float
     parameter_count: int
     history: list[EpochMetrics]
+    model: Any                                  # the `search.training.classifier.Classifier`
+    path: str | None                            # where it was saved, if it was

@@ -1,0 +1,57 @@
+"""`python -m search.predict model=PATH|models:/NAME/VERSION images=FOLDER|FILE [top_k=3]`: classify
+images with a final model (one that `search.report retrain=topN` or `search.train full=true`
+saved, or the registered `<study_name>-best`)."""
+
+from __future__ import annotations
+
+import sys
+
+from search.config.command_line import (
+    KEY_HELP,
+    command_overrides,
+    help_text,
+    main_guard,
+)
+from search.config.errors import SearchError
+from search.config.settings import whole
+
+SUMMARY = ("Prints the top_k most probable classes of each image, with their probabilities, from "
+           "a final model: a file under reports/<study_name>/models/ or an MLflow model URI such "
+           "as models:/cnn3-best/1. Images are a folder of PNG/JPEG pictures, one picture, an idx "
+           "file or a CIFAR batch file, of the size the model was trained on.")
+KEYS = {
+    "model": "a saved model file, or an MLflow model URI (models:/NAME/VERSION, runs:/ID/model)",
+    "images": "a folder of pictures (.png, .jpg, ...), one picture, an idx file or a CIFAR batch",
+    "top_k": "classes shown per image (default: 3)",
+    "device": KEY_HELP["device"],
+    "tracking_uri": "the MLflow store of a model URI (default: $MLFLOW_TRACKING_URI, else "
+                    "sqlite:///mlruns/mlflow.db)",
+}
+EXAMPLES = ["model=reports/cnn3/models/trial-0007-seed-1.pt images=my_pictures/",
+            "model=models:/cnn3-best/1 images=data/cifar-10-batches-py/test_batch top_k=1"]
+
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text("search.predict", SUMMARY, KEYS, EXAMPLES, options=()).replace(
+            "study=NAME", "model=MODEL images=PATH", 1))
+        return 0
+    overrides = command_overrides(argv, "search.predict", KEYS)
+    missing = [key for key in ("model", "images") if key not in overrides]
+    if missing:
+        raise SearchError(f"no {missing[0]} given: add {missing[0]}=... ({KEYS[missing[0]]}).")
+    top_k = whole(1)("top_k", overrides.get("top_k", 3))
+    from search.api import load_model, predict  # PyTorch loads here: --help stays fast
+
+    model = load_model(str(overrides["model"]), device=str(overrides.get("device", "cpu")),
+                       tracking_uri=overrides.get("tracking_uri"))
+    predictions = predict(model, str(overrides["images"]), top_k=top_k)
+    print(f"model: {model.card.describe()}")
+    for prediction in predictions:
+        print(f"{prediction.image}: " + ", ".join(f"{name} {probability:.3f}"
+                                                  for name, probability in prediction.classes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main_guard(main))

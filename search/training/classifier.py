@@ -1,0 +1,138 @@
+"""A trained network made usable on its own: the network, its input normalisation and its card
+(`ModelCard`) in one module that takes images as they are stored (uint8 pixels, N x C x H x W)
+and returns logits. Saved as a weights file that `torch.load(weights_only=True)` can read (no
+pickled code), and logged to MLflow as a PyTorch model by `search.tracking.model_registry`.
+
+Why the normalisation lives inside the model: a user of a saved model should not need to know
+the data set's per-channel mean and standard deviation, nor whether the search trained in
+channels-last bf16; uint8 pixels in, class scores out.
+
+Example:
+    >>> model = load_classifier("reports/cnn3/models/trial-0007-seed-1.pt")  # doctest: +SKIP
+    >>> model.card.classes[int(model(images).argmax(1)[0])]                        # doctest: +SKIP
+    'cat'
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from search.config.errors import SearchError
+from search.training.images import ImageSet
+from search.training.models import build_model
+from search.training.results import MODEL_FORMAT, ModelCard
+
+# Images per forward pass when scoring or predicting: large enough to keep a GPU busy, small
+# enough for a CPU's cache and any GPU's memory with these models.
+BATCH_SIZE = 500
+
+
+class Classifier(nn.Module):
+    """A trained network with its normalisation: uint8 (or 0..255 float) pixels -> logits.
+
+    Attributes:
+        network: The trained `cnn3`/`resnet20` module (`forward_features` gives the
+            penultimate features).
+        card: What the model is and where it came from (`search.training.results.ModelCard`).
+    """
+
+    def __init__(self, network: nn.Module, card: ModelCard) -> None:
+        super().__init__()
+        self.network = network
+        self.card = card
+        mean = torch.tensor(card.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(card.std, dtype=torch.float32).view(1, -1, 1, 1)
+        # (x / 255 - mean) / std as one multiply-add. Derived from the card, so not saved.
+        self.register_buffer("scale", 1.0 / (255.0 * std), persistent=False)
+        self.register_buffer("shift", -mean / std, persistent=False)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.card.channels, self.card.image_size, self.card.image_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() != 4 or tuple(images.shape[1:]) != self.input_shape:
+            raise ValueError(f"expected images of shape (N, {', '.join(map(str, self.input_shape))})"
+                             f" (uint8 pixels, channels first), got {tuple(images.shape)}")
+        pixels = images.to(device=self.scale.device, dtype=torch.float32)
+        return self.network(torch.addcmul(self.shift, pixels, self.scale))
+
+
+def classifier_from_state(card: ModelCard, state_dict: Mapping[str, torch.Tensor]) -> Classifier:
+    """Rebuilds the network the card names and loads the weights; in eval mode, on the CPU.
+
+    The final evaluation measures test accuracy on a model made by this function from the
+    trained weights, exactly as `load_classifier` makes it later, so the recorded accuracy is
+    the accuracy of the model as loaded (to the image, on the same kind of device).
+    """
+    network = build_model(card.model, card.params, in_channels=card.channels,
+                          image_size=card.image_size, num_classes=len(card.classes))
+    network.load_state_dict(state_dict)
+    return Classifier(network, card).eval()
+
+
+def network_weights(network: nn.Module) -> dict[str, torch.Tensor]:
+    """A trained network's weights as contiguous CPU tensors (whatever device and memory
+    format it trained in), so they load anywhere."""
+    return {k: v.detach().to("cpu").contiguous() for k, v in network.state_dict().items()}
+
+
+def save_classifier(model: Classifier, path: str | Path) -> Path:
+    """Writes the card and the weights to one file (atomically: a crash leaves no half file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    torch.save({"card": model.card.as_dict(), "state_dict": network_weights(model.network)}, partial)
+    partial.replace(path)
+    return path
+
+
+def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Classifier:
+    """A model saved by `save_classifier` (a final model of `search.report` or `search.train`).
+
+    Raises:
+        SearchError: no such file, or not a model saved by this package (or by a newer version).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SearchError(f"model={path}: no such file; a report with retrain=topN saves its "
+                          "models under reports/<study_name>/models/.")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        card = ModelCard.from_dict(saved["card"])
+    except Exception as error:  # noqa: BLE001 - any unpickling error: not our file
+        raise SearchError(f"model={path}: not a model saved by search ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}).") from None
+    if card.format > MODEL_FORMAT:
+        raise SearchError(f"model={path}: saved in format {card.format} by a newer version of "
+                          f"search (this one reads format {MODEL_FORMAT}); upgrade search.")
+    return classifier_from_state(card, saved["state_dict"]).to(device)
+
+
+@torch.inference_mode()
+def class_scores(model: Classifier, images: torch.Tensor, *, batch_size: int = BATCH_SIZE) -> torch.Tensor:
+    """Logits of uint8 images (N, C, H, W), computed in fp32 batch by batch on the model's
+    device; returned on the CPU. No autocast: a model scored twice gives the same numbers."""
+    model.eval()
+    return torch.cat([model(images[i:i + batch_size]).float().cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+def score(model: Classifier, data: ImageSet) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of a model on a labelled split."""
+    logits = class_scores(model, data.images)
+    loss = nn.functional.cross_entropy(logits, data.labels).item()
+    return loss, int((logits.argmax(1) == data.labels).sum()) / len(data)
+
+
+def top_classes(model: Classifier, images: torch.Tensor, k: int) -> list[list[tuple[str, float]]]:
+    """The k most probable classes of each image, as (class name, probability), best first."""
+    probabilities = class_scores(model, images).softmax(1)
+    values, indices = probabilities.topk(min(k, probabilities.shape[1]), dim=1)
+    return [[(model.card.classes[i], p) for i, p in zip(row_indices.tolist(), row_values.tolist())]
+            for row_values, row_indices in zip(values, indices)]

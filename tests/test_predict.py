@@ -1,0 +1,157 @@
+"""Saved final models and `python -m search.predict`: the file round trip (weights and card,
+readable with `weights_only=True`), the input forms a person brings (a folder of PNG/JPEG, one
+picture, an idx file, a CIFAR batch) and a clear error for each bad one."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from conftest import SMALL_PARAMS
+from PIL import Image
+
+from search.config.command_line import main_guard
+from search.config.datasets import DATASETS
+from search.predict import main as predict_main
+from search.training.classifier import (
+    class_scores,
+    classifier_from_state,
+    load_classifier,
+    save_classifier,
+)
+from search.training.images import load_split
+from search.training.models import build_model
+from search.training.results import MODEL_FORMAT, ModelCard
+
+
+def make_model(dataset: str = "fake") -> torch.nn.Module:
+    """An untrained cnn3 with a card: what the files hold matters here, not its accuracy."""
+    spec = DATASETS[dataset]
+    card = ModelCard("cnn3", SMALL_PARAMS, spec.name, spec.channels, spec.image_size, spec.mean,
+                     spec.std, spec.classes, "cnn3", 7, "rank 1", 11, 2, 1024, 0.5, 0.25, 2.0)
+    torch.manual_seed(0)
+    network = build_model("cnn3", SMALL_PARAMS, in_channels=spec.channels,
+                          image_size=spec.image_size, num_classes=spec.num_classes)
+    return classifier_from_state(card, network.state_dict())
+
+
+def write_pictures(folder, images: torch.Tensor) -> list[str]:
+    folder.mkdir(exist_ok=True)
+    names = []
+    for index, image in enumerate(images):
+        array = image.permute(1, 2, 0).numpy()
+        picture = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
+        names.append(f"{index:02d}.png")
+        picture.save(folder / names[-1])
+    return names
+
+
+def predict(capsys, *words: str) -> tuple[int, list[str], str]:
+    code = main_guard(predict_main, list(words))
+    captured = capsys.readouterr()
+    return code, captured.out.splitlines(), captured.err
+
+
+def top1(model, images: torch.Tensor) -> list[str]:
+    return [model.card.classes[i] for i in class_scores(model, images).argmax(1).tolist()]
+
+
+def test_a_saved_model_loads_with_its_card_and_identical_outputs(tmp_path):
+    model = make_model()
+    path = save_classifier(model, tmp_path / "m.pt")
+    saved = torch.load(path, weights_only=True)  # plain tensors and values: no code runs
+    assert saved["card"]["classes"] == list(DATASETS["fake"].classes)
+    loaded = load_classifier(path)
+    assert loaded.card == model.card
+    images = load_split("fake", "data", train=False).images[:20]
+    assert torch.equal(class_scores(loaded, images), class_scores(model, images))
+    with pytest.raises(ValueError, match=r"expected images of shape \(N, 3, 32, 32\)"):
+        loaded(images[:, :1])
+
+
+def test_files_that_are_not_models_are_refused(tmp_path):
+    from search.config.errors import SearchError
+
+    (tmp_path / "notes.pt").write_text("not a model")
+    with pytest.raises(SearchError, match="not a model saved by search"):
+        load_classifier(tmp_path / "notes.pt")
+    model = make_model()
+    model.card = dataclasses.replace(model.card, format=MODEL_FORMAT + 1)
+    with pytest.raises(SearchError, match="newer version of search"):
+        load_classifier(save_classifier(model, tmp_path / "future.pt"))
+
+
+def test_predict_classifies_a_folder_and_one_picture(tmp_path, capsys):
+    model = make_model()
+    path = save_classifier(model, tmp_path / "m.pt")
+    images = load_split("fake", "data", train=False).images[:5]
+    names = write_pictures(tmp_path / "pictures", images)
+    (tmp_path / "pictures" / "readme.txt").write_text("not a picture: skipped")
+    code, out, err = predict(capsys, f"model={path}", f"images={tmp_path / 'pictures'}", "top_k=2")
+    assert code == 0, err
+    assert out[0].startswith("model: cnn3 on fake") and "trial 7" in out[0]
+    lines = dict(line.split(": ", 1) for line in out[1:])
+    assert list(lines) == names
+    expected = top1(model, images)  # PNG is lossless: the same pixels, the same answer
+    for name, first in zip(names, expected):
+        shown = lines[name].split(", ")
+        assert len(shown) == 2 and shown[0].rsplit(" ", 1)[0] == first
+    code, out, _ = predict(capsys, f"model={path}", f"images={tmp_path / 'pictures' / names[3]}",
+                           "top_k=1")
+    assert code == 0 and out[1].startswith(f"{names[3]}: {expected[3]} ")
+
+
+def test_predict_reads_idx_and_cifar_files_and_grey_pictures(tmp_path, capsys):
+    grey = make_model("fashion_mnist")
+    grey_path = save_classifier(grey, tmp_path / "grey.pt")
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    idx = tmp_path / "t10k-images-idx3-ubyte"
+    idx.write_bytes(bytes([0, 0, 8, 3]) + np.array([4, 28, 28], ">u4").tobytes()
+                    + images.numpy().tobytes())
+    code, out, err = predict(capsys, f"model={grey_path}", f"images={idx}", "top_k=1")
+    assert code == 0, err
+    assert [line.split(": ")[1].rsplit(" ", 1)[0] for line in out[1:]] == top1(grey, images)
+    assert out[1].startswith("t10k-images-idx3-ubyte[0]: ")
+    names = write_pictures(tmp_path / "grey", images)
+    code, out, _ = predict(capsys, f"model={grey_path}", f"images={tmp_path / 'grey'}", "top_k=1")
+    assert code == 0 and [line.split(": ")[1].rsplit(" ", 1)[0] for line in out[1:]] == top1(grey, images)
+    assert len(names) == 4
+
+    colour = make_model()
+    colour_path = save_classifier(colour, tmp_path / "colour.pt")
+    rgb = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    batch = tmp_path / "test_batch"
+    batch.write_bytes(pickle.dumps({b"data": rgb.reshape(3, -1).numpy(), b"labels": [0, 1, 2]}))
+    code, out, err = predict(capsys, f"model={colour_path}", f"images={batch}", "top_k=1")
+    assert code == 0, err
+    assert [line.split(": ")[1].rsplit(" ", 1)[0] for line in out[1:]] == top1(colour, rgb)
+
+
+def test_bad_input_is_a_clear_error(tmp_path, capsys):
+    path = save_classifier(make_model(), tmp_path / "m.pt")
+    grey_path = save_classifier(make_model("fashion_mnist"), tmp_path / "grey.pt")
+    Image.new("RGB", (64, 48)).save(tmp_path / "big.png")
+    (tmp_path / "broken.jpg").write_text("not a jpeg")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "other.bin").write_bytes(b"\x00\x01\x02 random bytes")
+    cases = [
+        ([f"model={path}", f"images={tmp_path / 'big.png'}"], "is 64x48 pixels; this model takes 32x32"),
+        ([f"model={path}", f"images={tmp_path / 'broken.jpg'}"], "not a readable image"),
+        ([f"model={path}", f"images={tmp_path / 'missing'}"], "no such file or folder"),
+        ([f"model={path}", f"images={tmp_path / 'empty'}"], "the folder has no pictures"),
+        ([f"model={path}", f"images={tmp_path / 'other.bin'}"], "not a picture"),
+        ([f"model={tmp_path / 'nope.pt'}", f"images={tmp_path}"], "model=.*no such file"),
+        ([f"images={tmp_path}"], "no model given"),
+        ([f"model={path}", f"images={tmp_path}", "top_k=0"], "top_k"),
+        ([f"model={path}", f"images={tmp_path}", "topk=3"], "unknown key 'topk'"),
+    ]
+    idx = tmp_path / "small-idx3-ubyte"
+    idx.write_bytes(bytes([0, 0, 8, 3]) + np.array([1, 20, 20], ">u4").tobytes() + bytes(400))
+    cases.append(([f"model={grey_path}", f"images={idx}"], "holds images of 20x20 pixels"))
+    for words, message in cases:
+        code, out, err = predict(capsys, *words)
+        assert code == 2 and out == [] and err.startswith("error: "), (words, out, err)
+        assert __import__("re").search(message, err), (words, err)
