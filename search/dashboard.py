@@ -4,12 +4,11 @@ and print the study's link."""
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import optuna_dashboard
 
-from search.config.command_line import help_text, main_guard
+from search.config.command_line import help_text, run_command
 from search.config.errors import SearchError
 from search.config.settings import load_config
 from search.storage.backends import artifact_store
@@ -73,4 +72,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main_guard(main))
+    run_command(main)

@@ -4,13 +4,11 @@ saved, or the registered `<study_name>-best`)."""
 
 from __future__ import annotations
 
-import sys
-
 from search.config.command_line import (
     KEY_HELP,
     command_overrides,
     help_text,
-    main_guard,
+    run_command,
 )
 from search.config.errors import SearchError
 from search.config.settings import whole
@@ -54,4 +52,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main_guard(main))
+    run_command(main)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from search.config.command_line import (
     KEY_HELP,
     command_overrides,
     help_text,
-    main_guard,
+    run_command,
 )
 from search.config.errors import SearchError
 from search.config.settings import whole
@@ -141,4 +140,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main_guard(main))
+    run_command(main)

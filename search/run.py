@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import optuna
 
-from search.config.command_line import KEY_HELP, help_text, main_guard
+from search.config.command_line import KEY_HELP, help_text, run_command
 from search.config.params import format_params
 from search.config.settings import StudyConfig, load_config, to_yaml
 
@@ -129,4 +129,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main_guard(main))
+    run_command(main)

@@ -10,7 +10,6 @@ status), without duplicating anything that exists, so it can be run any number o
 
 from __future__ import annotations
 
-import sys
 import warnings
 
 import optuna
@@ -20,7 +19,7 @@ from search.config.command_line import (
     KEY_HELP,
     command_overrides,
     help_text,
-    main_guard,
+    run_command,
 )
 from search.config.errors import SearchError
 from search.storage.reading import open_source
@@ -63,4 +62,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main_guard(main))
+    run_command(main)

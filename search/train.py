@@ -12,7 +12,6 @@ as the report's final evaluation does, and keeps each model: saved under
 
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from search.config.command_line import (
     KEY_HELP,
     command_overrides,
     help_text,
-    main_guard,
+    run_command,
 )
 from search.config.errors import SearchError
 from search.config.settings import flag, whole
@@ -87,4 +86,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main_guard(main))
+    run_command(main)

@@ -40,7 +40,7 @@ print(json.dumps({"search": score(model, test)[1], "mlflow": hits / len(test),
 def test_a_registered_model_reproduces_its_test_accuracy_in_a_fresh_process(tmp_path, mlflow_server):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     where = [f"storage={storage}", f"tracking_uri={mlflow_server}", "study_name=bestout"]
-    study = run_cli("search.run", *overriding(SMALL, "epochs=2", "n_trials=3"), *where, cwd=tmp_path)
+    study = run_cli("search.run", *overriding(SMALL, "epochs=1", "n_trials=2"), *where, cwd=tmp_path)
     assert study.returncode == 0, study.stderr
     report = run_cli("search.report", "study=cnn3", *where[:2], "study_name=bestout",
                      "retrain=top1", "seeds=1", f"out={tmp_path / 'reports'}", cwd=tmp_path)

@@ -165,6 +165,9 @@ def test_default_embedded_store_keeps_everything_under_mlruns(tmp_path):
     result = run_tiny("n_trials=2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "MLflow: 2 trial run(s) logged" in result.stdout
+    # The command ends without Python's teardown (`run_command`) but closes both databases first:
+    # their write-ahead logs are checkpointed into the files, none is left beside them.
+    assert sorted(p.name for p in (tmp_path / "mlruns").glob("*.db*")) == ["mlflow.db", "optuna.db"]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     study = optuna.load_study(study_name="cnn3", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
     parents, children = study_runs(client, "cnn3")

@@ -174,10 +174,12 @@ def reserve_and_run(study: optuna.Study, objective: Callable[[optuna.Trial], flo
             try:
                 study.optimize(reserved, n_trials=1, catch=(TrialFailed,),
                                callbacks=[*callbacks, stop.check])
-            except (ValueError, UpdateFinishedTrialError):
+            except (ValueError, UpdateFinishedTrialError, AssertionError):
                 # This process was stopped (SIGSTOP, a hung machine) long enough for another to
                 # fail its trial by heartbeat and queue it again: Optuna then refuses every
-                # write, the final tell included ("Cannot tell a FAIL trial").
+                # write, the final tell included ("Cannot tell a FAIL trial"). Stopped after the
+                # objective returned, Optuna 5's `_run_trial` finds the trial FAIL with no error
+                # of its own to log and raises `AssertionError("Should not reach.")` instead.
                 if not started or started[0].number not in retried(
                         study.get_trials(deepcopy=False)):
                     raise

@@ -30,7 +30,7 @@ from datetime import datetime
 
 import optuna
 
-from search.config.command_line import main_guard
+from search.config.command_line import run_command
 from search.config.settings import StudyConfig, load_config
 from search.runner.objective import StopSignal, storage_cause
 from search.runner.process import Session
@@ -135,4 +135,4 @@ def worker_main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main_guard(worker_main))
+    run_command(worker_main)
