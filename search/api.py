@@ -23,7 +23,7 @@ import optuna
 
 from search.config.errors import SearchError
 from search.config.settings import StudyConfig, load_config
-from search.config.urls import DEFAULTS, StoreUrl, is_model_uri
+from search.config.urls import DEFAULTS, StoreUrl, is_model_uri, writable_folder
 
 __all__ = ["Prediction", "RetrainedModel", "SearchError", "Study", "best_config", "load_model",
            "open_study", "predict", "retrain", "run_study"]
@@ -165,9 +165,8 @@ def retrain(study: Study, *, top: int = 1, seeds: int = 1, device: str | None = 
     `search.report retrain=topN` does (without writing the report).
     """
     from search.analysis.compose import MODELS_FOLDER
-    from search.analysis.final_models import final_evaluation
+    from search.analysis.final_models import final_evaluation, final_models_hook
     from search.analysis.tables import top_trials
-    from search.report import final_models_hook, writable_folder
     from search.training.loop import resolve_device
     from search.training.results import FinalTraining
 

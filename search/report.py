@@ -11,6 +11,7 @@ import optuna
 
 from search.analysis.compare import write_comparison
 from search.analysis.compose import ReportOptions, StudyReport, write_report
+from search.analysis.final_models import final_models_hook
 from search.config.command_line import (
     KEY_HELP,
     command_overrides,
@@ -19,8 +20,8 @@ from search.config.command_line import (
 )
 from search.config.errors import SearchError
 from search.config.settings import whole
-from search.config.urls import check_writable
-from search.storage.reading import LOCATION_KEYS, StudySource, open_source
+from search.config.urls import writable_folder
+from search.storage.reading import LOCATION_KEYS, open_source
 
 SUMMARY = ("Reads a study from its storage (finished, running or interrupted) and writes "
            "reports/<study_name>/: report.md, a self-contained report.html, trials.csv and the "
@@ -72,26 +73,6 @@ def split_studies(overrides: dict[str, Any]) -> list[dict[str, Any]]:
     shared = {k: v for k, v in overrides.items() if k in LOCATION_KEYS and k not in ("study", "study_name")}
     return [{"study": study, **shared, **({"study_name": name} if name else {})}
             for study, name in zip(studies, names)]
-
-
-def writable_folder(folder: Path, key: str = "out") -> None:
-    """Creates `folder` or refuses `key=` at once, before hours of retraining."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise SearchError(f"{key}={folder}: cannot create the folder ({error.strerror or error});"
-                          f" point {key}= at a folder that can be written.") from None
-    check_writable(folder, key, str(folder))
-
-
-def final_models_hook(source: StudySource, command: str = "search.report"):
-    """Final runs and their models go to MLflow when the study's tracking is on: a
-    `search.tracking.model_registry.FinalModels`, or None."""
-    if not source.config.tracking_enabled:
-        return None
-    from search.tracking.model_registry import FinalModels  # mlflow imports take ~2 s
-
-    return FinalModels(source.config, source.study, command)
 
 
 def register_best(report: StudyReport, models) -> str | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import optuna
 
 from search.analysis.compose import MODELS_FOLDER
-from search.analysis.final_models import retrain_trial
+from search.analysis.final_models import final_models_hook, retrain_trial
 from search.config.command_line import (
     KEY_HELP,
     command_overrides,
@@ -27,7 +27,7 @@ from search.config.command_line import (
 )
 from search.config.errors import SearchError
 from search.config.settings import flag, whole
-from search.report import final_models_hook, writable_folder
+from search.config.urls import writable_folder
 from search.storage.reading import LOCATION_KEYS, open_source
 from search.training.results import mean_and_std
 

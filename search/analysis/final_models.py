@@ -59,6 +59,17 @@ MAX_TSNE_POINTS = 1000
 FinalTrainingHook = Callable[[FinalTraining], None]
 
 
+def final_models_hook(source: StudySource, command: str = "search.report"):
+    """Where final runs and their models go when the study's MLflow tracking is on: a
+    `search.tracking.model_registry.FinalModels` (an `on_run` hook with `register_best`), or
+    None when tracking is off (the models are still saved as files)."""
+    if not source.config.tracking_enabled:
+        return None
+    from search.tracking.model_registry import FinalModels  # mlflow imports take ~2 s
+
+    return FinalModels(source.config, source.study, command)
+
+
 def retrain(config: StudyConfig, params: dict[str, Any], *, train_data: ImageSet,
             val_data: ImageSet | None, spec: DatasetSpec, seed: int, device: torch.device,
             on_epoch: Callable[[EpochMetrics], bool | None] | None = None) -> TrainResult:

@@ -153,3 +153,13 @@ def check_writable(folder: Path, key: str, value: object, file: Path | None = No
         raise SearchError(f"{key}={masked(str(value))}: cannot write {where} "
                           f"({error.strerror or error}). Make it writable, or point {key}= "
                           "somewhere that is.") from None
+
+
+def writable_folder(folder: Path, key: str = "out") -> None:
+    """Creates `folder` or refuses `key=` at once, before hours of retraining."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SearchError(f"{key}={folder}: cannot create the folder ({error.strerror or error});"
+                          f" point {key}= at a folder that can be written.") from None
+    check_writable(folder, key, str(folder))
