@@ -201,3 +201,39 @@ def test_every_trial_and_repeat_has_its_own_seed():
     assert trial_seed(3, 7) == trial_seed(3, 7) == repeat_seed(3, 7, 0)  # reproducible
     repeats = {repeat_seed(0, number, repeat) for number in range(2000) for repeat in range(1, 4)}
     assert not repeats & set(seeds)  # a retraining seed never replays another trial
+
+
+def test_a_signal_during_a_trials_storage_writes_waits_for_them(storage, fake_data):
+    """A SIGTERM that lands while a trial writes its epoch (the report, the MLflow run, the
+    checkpoint) does not cut the write: an interrupted SQLite write can keep the database locked
+    for the FAIL that follows. The trial stops right after, FAIL with the signal's reason, and is
+    queued again."""
+    import signal
+
+    from search.runner.objective import StopSignal
+
+    config = config_for(storage, "epochs=3", "n_trials=1", "pruner=none")
+    study, _, _ = open_study(config)
+    stop, written = StopSignal(), []
+
+    class SignalMidWrite:
+        def trial_started(self, trial, params):
+            pass
+
+        def epoch_ended(self, trial, metrics):
+            stop._handle(signal.SIGTERM, None)  # the handler, as when the signal lands here
+            study._storage.set_trial_system_attr(trial._trial_id, "written", metrics.epoch)
+            written.append(metrics.epoch)
+
+        def trial_finished(self, trial, state, params, attrs, history):
+            pass
+
+    objective = Objective(config, fake_data, torch.device("cpu"), observers=[SignalMidWrite()],
+                          stop=stop)
+    with pytest.raises(KeyboardInterrupt):
+        study.optimize(objective, n_trials=1)
+    first, retry = study.get_trials()
+    assert written == [1] and first.system_attrs["written"] == 1
+    assert first.state == TrialState.FAIL and "SIGTERM" in first.user_attrs["fail_reason"]
+    assert first.intermediate_values == {1: first.intermediate_values[1]}
+    assert retry.state == TrialState.WAITING and retry.user_attrs["retry_of"] == first.number

@@ -6,11 +6,12 @@ plugs in as `TrialObserver`s, so this module imports neither mlflow nor optuna-d
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sqlite3
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import optuna
@@ -48,9 +49,11 @@ class StopSignal:
     """Turns Ctrl-C (SIGINT) and SIGTERM into a clean stop that never leaves a trial RUNNING.
 
     A signal that lands while a trial trains interrupts it at once (the trial is marked FAIL with
-    its reason). One that lands in Optuna's bookkeeping between trials, where an interruption
-    could leave a freshly asked trial RUNNING, is held until the next safe point: the end of
-    that bookkeeping (`check`, an Optuna callback) or the start of the next trial.
+    its reason). One that lands in a storage write is held until the write is done (`held`): cut
+    in the middle, a SQLite write can leave its connection holding the database's lock, and the
+    FAIL that follows then finds the database locked. One that lands in Optuna's bookkeeping
+    between trials, where an interruption could leave a freshly asked trial RUNNING, is held
+    until the end of that bookkeeping (`check`, an Optuna callback) or the start of the next trial.
     """
 
     REASONS = {signal.SIGINT: "interrupted by the user (Ctrl-C)",
@@ -84,6 +87,17 @@ class StopSignal:
     def check(self, *_: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """Storage writes inside a trial: a signal waits for them, then interrupts."""
+        inside, self._in_trial = self._in_trial, False
+        try:
+            yield
+        finally:
+            self._in_trial = inside
+        if inside:
+            self.check()
 
     @property
     def exit_status(self) -> int:
@@ -142,17 +156,23 @@ class Objective:
         taken_over = False  # failed meanwhile by another process, which retries it
         requeued = False    # stopped by a signal and queued again: its checkpoint is handed on
 
+        stop = self.stop or StopSignal()  # one never installed holds nothing
+
         def on_epoch(metrics: EpochMetrics) -> bool:
-            history.append(metrics)
-            trial.report(metrics.val_accuracy, metrics.epoch)
-            for observer in self.observers:
-                observer.epoch_ended(trial, metrics)
-            return trial.should_prune()
+            with stop.held():
+                history.append(metrics)
+                trial.report(metrics.val_accuracy, metrics.epoch)
+                for observer in self.observers:
+                    observer.epoch_ended(trial, metrics)
+                return trial.should_prune()
+
+        def checkpoint(state: Callable[[], dict[str, Any]]) -> None:
+            with stop.held():
+                save(state)
 
         try:
             # Inside the try, so that a Ctrl-C while sampling still records why the trial failed.
-            if self.stop is not None:
-                self.stop.enter_trial()
+            stop.check()
             params = suggest(trial, self.config.space)
             fixed = {k: v for k, v in params.items() if k not in trial.params}
             if fixed:
@@ -181,10 +201,13 @@ class Objective:
                 trial.report(metrics.val_accuracy, metrics.epoch)
                 for observer in self.observers:
                     observer.epoch_ended(trial, metrics)
+            save = self.checkpoints.saver(trial) if self.checkpoints else None
+            stop.enter_trial()  # from here a signal interrupts the training at once
             result = train(self.config.model, params, train_data=self.data.train,
                            val_data=self.data.val, spec=self.data.spec, epochs=self.config.epochs,
                            seed=seed, device=self.device, on_epoch=on_epoch, resume_from=resume,
-                           checkpoint=self.checkpoints.saver(trial) if self.checkpoints else None)
+                           checkpoint=checkpoint if save else None)
+            stop.leave_trial()
             attrs = _summary(history, result.parameter_count, time.perf_counter() - started)
             if resume:
                 attrs[TrialAttr.RESUMED_FROM_EPOCH] = resume["epoch"]
@@ -208,10 +231,8 @@ class Objective:
             taken_over = True
             raise
         except KeyboardInterrupt:
-            if self.stop is not None:
-                self.stop.leave_trial()  # a second Ctrl-C must not cut recording the first
-            attrs = self._fail(trial, history, self.stop.reason if self.stop else
-                               StopSignal.REASONS[signal.SIGINT], started)
+            stop.leave_trial()  # a second Ctrl-C must not cut recording the first
+            attrs = self._fail(trial, history, stop.reason, started)
             # Stopped from outside (a scheduler's time limit, preemption, requeue or scancel;
             # Ctrl-C): no fault of its parameters, so it runs again, from its checkpoint.
             retry(trial.study, trial)
@@ -222,8 +243,7 @@ class Objective:
             attrs = self._fail(trial, history, reason, started)
             raise TrialFailed(reason) from None
         finally:
-            if self.stop is not None:
-                self.stop.leave_trial()
+            stop.leave_trial()
             # A trial taken over takes no more writes; the run's end closes its MLflow run.
             for observer in [] if taken_over else observing:
                 observer.trial_finished(trial, state, params, attrs, history)
