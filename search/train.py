@@ -29,6 +29,7 @@ from search.config.errors import SearchError
 from search.config.settings import flag, whole
 from search.config.urls import writable_folder
 from search.storage.reading import LOCATION_KEYS, open_source
+from search.training.classifier import model_file
 from search.training.results import mean_and_std
 
 SUMMARY = ("Trains one trial's configuration again with the trainer the search used: on the "
@@ -74,7 +75,7 @@ def main(argv: list[str]) -> int:
           + ", ".join(f"{a:.4f}" for a in outcome.accuracies))
     if full:
         print(f"models saved in {save_dir}/; classify images with: python -m search.predict "
-              f"model={save_dir}/trial-{number:04d}-seed-1.pt images=FOLDER")
+              f"model={save_dir / model_file(number, 0)} images=FOLDER")
     recorded = outcome.trial.intermediate_values
     if not full and recorded:
         # Compare at the last epoch the search saw (a pruned trial stopped before the budget).

@@ -28,6 +28,7 @@ from search.training.augment import BatchLoader
 from search.training.classifier import (
     Classifier,
     classifier_from_state,
+    model_file,
     network_weights,
     save_classifier,
     score,
@@ -149,7 +150,7 @@ def final_evaluation(config: StudyConfig, entries: Sequence[tuple[str, FrozenTri
                              test_accuracy=float("nan"), test_loss=float("nan"))
             model, card = tested_model(card, result, test, device)
             accuracies.append(card.test_accuracy)
-            path = (save_classifier(model, save_dir / f"trial-{trial.number:04d}-seed-{repeat + 1}.pt")
+            path = (save_classifier(model, save_dir / model_file(trial.number, repeat))
                     if save_dir is not None else None)
             log(f"final: {label} (trial {trial.number}) seed {repeat + 1}/{seeds}: test accuracy "
                 f"{card.test_accuracy:.4f} ({seconds[-1]:.0f} s)" + (f", saved {path}" if path else ""))

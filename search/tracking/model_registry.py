@@ -42,7 +42,12 @@ from search.tracking.mlflow_runs import (
     param_value,
     short_reason,
 )
-from search.training.classifier import Classifier, load_classifier, save_classifier
+from search.training.classifier import (
+    Classifier,
+    load_classifier,
+    model_file,
+    save_classifier,
+)
 from search.training.results import FinalTraining, ModelCard
 
 MODEL_NAME = "model"                       # the logged model's name, within its run
@@ -150,7 +155,7 @@ class FinalModels:
                                   metrics=metrics)
             with tempfile.TemporaryDirectory() as folder:
                 saved = Path(run.path) if run.path else save_classifier(
-                    run.model, Path(folder) / f"trial-{card.trial_number:04d}-seed-{run.repeat + 1}.pt")
+                    run.model, Path(folder) / model_file(card.trial_number, run.repeat))
                 model_uri = log_classifier(run.model, saved, run_id, self.config.tracking_uri)
         except Exception:
             with contextlib.suppress(Exception):  # the store may be the very thing that failed

@@ -76,6 +76,11 @@ def classifier_from_state(card: ModelCard, state_dict: Mapping[str, torch.Tensor
     return Classifier(network, card).eval()
 
 
+def model_file(trial_number: int, repeat: int) -> str:
+    """The saved model's file name: `trial-0007-seed-1.pt` for trial 7's first seed."""
+    return f"trial-{trial_number:04d}-seed-{repeat + 1}.pt"
+
+
 def network_weights(network: nn.Module) -> dict[str, torch.Tensor]:
     """A trained network's weights as contiguous CPU tensors (whatever device and memory
     format it trained in), so they load anywhere."""
