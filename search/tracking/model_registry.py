@@ -16,7 +16,6 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import numpy as np
@@ -218,9 +217,3 @@ def load_logged_model(model_uri: str, tracking: StoreUrl, device: str | torch.de
     except Exception as error:  # noqa: BLE001 - unknown name/version, store gone
         raise SearchError(f"model={model_uri}: cannot be loaded from tracking_uri={tracking} "
                           f"({masked(short_reason(error))}).") from None
-
-
-def version_tags(name: str, version: str, tracking: StoreUrl) -> dict[str, Any]:
-    """The tags of a registered version (test accuracy, trial, ...), for tests and the API."""
-    client = mlflow.MlflowClient(tracking.raw)
-    return dict(client.get_model_version(name, version).tags)
