@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, TypeVar
 import optuna
 
 from search.config.errors import SearchError
-from search.config.settings import StudyConfig, load_config
+from search.config.settings import StudyConfig, load_config, whole
 from search.config.urls import DEFAULTS, StoreUrl, is_model_uri, writable_folder
 
 __all__ = ["Prediction", "RetrainedModel", "SearchError", "Study", "best_config", "load_model",
@@ -170,10 +170,8 @@ def retrain(study: Study, *, top: int = 1, seeds: int = 1, device: str | None = 
     from search.training.loop import resolve_device
     from search.training.results import FinalTraining
 
-    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-        raise SearchError(f"top={top!r}: expected a whole number >= 1.")
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise SearchError(f"seeds={seeds!r}: expected a whole number >= 1.")
+    whole(1)("top", top)
+    whole(1, 1000)("seeds", seeds)  # as search.report and search.train check it
     trials = top_trials(study.optuna, top)
     if not trials:
         raise SearchError(f"study '{study.name}' has no complete trial yet: nothing to retrain.")
@@ -249,8 +247,7 @@ def predict(model: Any, images: str | Path, *, top_k: int = 3) -> list[Predictio
     from search.training.classifier import Classifier, top_classes
     from search.training.image_files import read_images
 
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise SearchError(f"top_k={top_k!r}: expected a whole number >= 1.")
+    whole(1)("top_k", top_k)
     if not isinstance(model, Classifier):
         model = load_model(model)
     card = model.card
