@@ -23,7 +23,7 @@ import optuna
 
 from search.config.errors import SearchError
 from search.config.settings import StudyConfig, load_config, whole
-from search.config.urls import DEFAULTS, StoreUrl, is_model_uri, writable_folder
+from search.config.urls import is_model_uri, store_url, writable_folder
 
 __all__ = ["Prediction", "RetrainedModel", "SearchError", "Study", "best_config", "load_model",
            "open_study", "predict", "retrain", "run_study"]
@@ -215,8 +215,6 @@ def load_model(model: str | Path, *, device: str = "cpu", tracking_uri: str | No
     Returns:
         A `search.training.classifier.Classifier` (a `torch.nn.Module`), in eval mode.
     """
-    import os
-
     from search.training.classifier import load_classifier
     from search.training.loop import resolve_device
 
@@ -225,8 +223,7 @@ def load_model(model: str | Path, *, device: str = "cpu", tracking_uri: str | No
     if is_model_uri(text):
         from search.tracking.model_registry import load_logged_model
 
-        uri = StoreUrl(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                       or DEFAULTS["tracking_uri"], "tracking_uri")
+        uri = store_url("tracking_uri", tracking_uri)
         if uri.is_off:
             raise SearchError(f"model={text}: an MLflow model URI needs a tracking store; "
                               "give tracking_uri=.")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -30,7 +29,7 @@ from search.config.datasets import DATASETS, DEFAULT_DATA_DIR
 from search.config.errors import SearchError, shown
 from search.config.params import MODELS, known_params
 from search.config.space import ParamSpec, check_baseline, parse_space
-from search.config.urls import DEFAULTS, StoreUrl
+from search.config.urls import DEFAULTS, StoreUrl, store_url
 
 SAMPLERS = ("tpe", "random", "gp")
 PRUNERS = ("hyperband", "median", "successive_halving", "patient", "none")
@@ -469,10 +468,8 @@ def build_config(tree: dict[str, Any]) -> StudyConfig:
     baselines, skipped = _check_baselines(tree["baselines"], space)
     values["study_name"] = values["study_name"] or tree["study"]
     # URLs with credentials can stay out of the command line (and shell history).
-    values["storage"] = StoreUrl(values["storage"] or os.environ.get("SEARCH_STORAGE")
-                                 or DEFAULTS["storage"], "storage")
-    values["tracking_uri"] = StoreUrl(values["tracking_uri"] or os.environ.get("MLFLOW_TRACKING_URI")
-                                      or DEFAULTS["tracking_uri"], "tracking_uri")
+    values["storage"] = store_url("storage", values["storage"])
+    values["tracking_uri"] = store_url("tracking_uri", values["tracking_uri"])
     if values["gpus"] is not None:
         slots = len(values["gpus"]) * values["workers_per_gpu"]
         if values["workers"] not in (1, slots):

@@ -20,6 +20,7 @@ import contextlib
 import functools
 import hashlib
 import importlib.util
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,8 @@ import sqlalchemy
 from search.config.errors import SearchError
 
 DEFAULTS = {"storage": "sqlite:///mlruns/optuna.db", "tracking_uri": "sqlite:///mlruns/mlflow.db"}
+# Where a URL comes from when the command line gives none (credentials stay out of shell history).
+ENVIRONMENT = {"storage": "SEARCH_STORAGE", "tracking_uri": "MLFLOW_TRACKING_URI"}
 ARTIFACT_DIR_NAME = "optuna-artifacts"  # Optuna's artifacts (checkpoints, dashboard files)
 # A storage on a database server has no folder of its own: its artifacts go under ./mlruns.
 SERVER_ARTIFACT_DIR = Path("mlruns") / ARTIFACT_DIR_NAME
@@ -40,6 +43,11 @@ LOCK_DIR = Path(tempfile.gettempdir()) / "search-locks"
 # MLflow's own addresses of a logged or registered model: `models:/cnn3-best/1`,
 # `models:/cnn3-best@champion`, `runs:/<run_id>/model`.
 MODEL_URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
+
+
+def store_url(key: str, given: str | None) -> StoreUrl:
+    """`storage=` / `tracking_uri=` as given, else from its environment variable, else the default."""
+    return StoreUrl(given or os.environ.get(ENVIRONMENT[key]) or DEFAULTS[key], key)
 
 
 def is_model_uri(text: str) -> bool:
