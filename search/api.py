@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -24,6 +23,7 @@ import optuna
 from search.config.errors import SearchError
 from search.config.settings import StudyConfig, load_config, whole
 from search.config.urls import is_model_uri, store_url, writable_folder
+from search.storage.studies import quiet_optuna
 
 __all__ = ["Prediction", "RetrainedModel", "SearchError", "Study", "best_config", "load_model",
            "open_study", "predict", "retrain", "run_study"]
@@ -40,11 +40,6 @@ def _user_errors(function: Function) -> Function:
         except SearchError as error:
             raise SearchError(str(error)) from None
     return wrapper  # type: ignore[return-value]
-
-
-def _quiet() -> None:
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
 def _word(key: str, value: Any) -> str:
@@ -103,7 +98,7 @@ def run_study(study: str, overrides: Mapping[str, Any] | None = None, **settings
 
     words = [f"study={study}", *(_word(k, v) for k, v in {**(overrides or {}), **settings}.items())]
     config = load_config(words)
-    _quiet()
+    quiet_optuna()
     status = run(config, words)
     if status != 0:
         raise SearchError(f"the run of study '{config.study_name}' ended with status {status} "
@@ -124,7 +119,7 @@ def open_study(study: str, *, storage: str | None = None, study_name: str | None
     """
     from search.storage.reading import open_source
 
-    _quiet()
+    quiet_optuna()
     location = {"study": study, **local}
     if storage is not None:
         location["storage"] = storage

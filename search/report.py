@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import re
-import warnings
 from pathlib import Path
 from typing import Any
-
-import optuna
 
 from search.analysis.compare import write_comparison
 from search.analysis.compose import ReportOptions, StudyReport, write_report
@@ -22,6 +19,7 @@ from search.config.errors import SearchError
 from search.config.settings import whole
 from search.config.urls import writable_folder
 from search.storage.reading import LOCATION_KEYS, open_source
+from search.storage.studies import quiet_optuna
 
 SUMMARY = ("Reads a study from its storage (finished, running or interrupted) and writes "
            "reports/<study_name>/: report.md, a self-contained report.html, trials.csv and the "
@@ -97,8 +95,7 @@ def main(argv: list[str]) -> int:
         return 0
     overrides = command_overrides(argv, "search.report", KEYS)
     options = parse_options(overrides)
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    quiet_optuna()
     # Open every study and the output folder first, so a typo in the second name or a folder
     # that cannot be written fails before any work (retraining takes hours) is done.
     sources = [open_source(locations) for locations in split_studies(overrides)]

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import sys
 import time
-import warnings
 from datetime import datetime
 from typing import TYPE_CHECKING
-
-import optuna
 
 from search.config.command_line import KEY_HELP, help_text, run_command
 from search.config.params import format_params
 from search.config.settings import StudyConfig, load_config, to_yaml
+from search.storage.studies import quiet_optuna
 
 if TYPE_CHECKING:
     from search.runner.process import Session
@@ -122,9 +120,7 @@ def main(argv: list[str]) -> int:
     if show_config:
         print(to_yaml(config), end="")
         return 0
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    # Heartbeats (see search.storage.studies) are flagged experimental; the warning means nothing to users.
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    quiet_optuna()
     return run(config, overrides)
 
 

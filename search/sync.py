@@ -10,9 +10,6 @@ status), without duplicating anything that exists, so it can be run any number o
 
 from __future__ import annotations
 
-import warnings
-
-import optuna
 from optuna.trial import TrialState
 
 from search.config.command_line import (
@@ -23,6 +20,7 @@ from search.config.command_line import (
 )
 from search.config.errors import SearchError
 from search.storage.reading import open_source
+from search.storage.studies import quiet_optuna
 from search.storage.trials import counts_toward_n_trials
 
 KEYS = {key: KEY_HELP[key] for key in ("study", "storage", "study_name", "tracking_uri")}
@@ -41,8 +39,7 @@ def main(argv: list[str]) -> int:
     if not config.tracking_enabled:
         raise SearchError("tracking_uri=none: there is no MLflow store to sync to; give "
                           "tracking_uri=URL.")
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    quiet_optuna()
     from search.tracking.mlflow_runs import (  # mlflow imports take ~2 s
         ParentRun,
         check_tracking,

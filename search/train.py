@@ -12,10 +12,7 @@ as the report's final evaluation does, and keeps each model: saved under
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
-
-import optuna
 
 from search.analysis.compose import MODELS_FOLDER
 from search.analysis.final_models import final_models_hook, retrain_trial
@@ -29,6 +26,7 @@ from search.config.errors import SearchError
 from search.config.settings import flag, whole
 from search.config.urls import writable_folder
 from search.storage.reading import LOCATION_KEYS, open_source
+from search.storage.studies import quiet_optuna
 from search.training.classifier import model_file
 from search.training.results import mean_and_std
 
@@ -60,8 +58,7 @@ def main(argv: list[str]) -> int:
     number = whole(0)("trial", overrides["trial"])
     seeds = whole(1, 1000)("seeds", overrides.get("seeds", 1))
     full = flag("full", overrides.get("full", False))
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    quiet_optuna()
     source = open_source({k: v for k, v in overrides.items() if k in LOCATION_KEYS})
     save_dir = Path(str(overrides.get("out", "reports"))) / source.config.study_name / MODELS_FOLDER
     if full:

@@ -24,17 +24,15 @@ import os
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from datetime import datetime
-
-import optuna
 
 from search.config.command_line import run_command
 from search.config.settings import StudyConfig, load_config
 from search.runner.objective import StopSignal, storage_cause
 from search.runner.process import Session
 from search.runner.progress import TrialLines, storage_failure
+from search.storage.studies import quiet_optuna
 
 WORKER_FLAG = "--worker"
 STOP_GRACE_SECONDS = 60  # how long an interrupted worker may take to mark its trial FAIL
@@ -113,8 +111,7 @@ def worker_main(argv: list[str]) -> int:
     # Installed explicitly: a process started in the background inherits SIGINT ignored.
     stop = StopSignal()
     stop.install()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    quiet_optuna()
     config = load_config(argv[4:])
     try:
         session = Session.join(config)

@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import sqlite3
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,10 +26,18 @@ from search.storage.recovery import retry, this_process
 from search.storage.strategy import make_pruner, make_sampler
 from search.storage.trials import FINISHED, StudyAttr, TrialAttr
 
+
 # A worker killed without a chance to clean up (SIGKILL, power loss) leaves its trial RUNNING;
 # heartbeats let another host's process mark such trials FAIL and retry them
 # (`search.storage.recovery`; on the same host a dead owner is found at once). The environment
 # variables SEARCH_HEARTBEAT_SECONDS and SEARCH_HEARTBEAT_GRACE_SECONDS override them (tests).
+def quiet_optuna() -> None:
+    """Optuna's own per-trial log lines and its "experimental" warnings (heartbeats are flagged
+    so) mean nothing to users: the commands print their own progress."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
 HEARTBEAT_SECONDS = 60
 GRACE_SECONDS = 180
 
