@@ -22,7 +22,7 @@ import optuna
 
 from search.config.errors import SearchError
 from search.config.settings import StudyConfig, load_config, whole
-from search.config.urls import is_model_uri, store_url, writable_folder
+from search.config.urls import is_model_uri, masked, store_url, writable_folder
 from search.storage.studies import quiet_optuna
 
 __all__ = ["Prediction", "RetrainedModel", "SearchError", "Study", "best_config", "load_model",
@@ -32,13 +32,14 @@ Function = TypeVar("Function", bound=Callable[..., Any])
 
 
 def _user_errors(function: Function) -> Function:
-    """A `SearchError` leaves the API as one short exception, not a chain of internal frames."""
+    """A `SearchError` leaves the API as one short exception, not a chain of internal frames,
+    with any URL password in its message masked."""
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return function(*args, **kwargs)
         except SearchError as error:
-            raise SearchError(str(error)) from None
+            raise SearchError(masked(str(error))) from None
     return wrapper  # type: ignore[return-value]
 
 

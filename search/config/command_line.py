@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 from search.config.errors import SearchError
 from search.config.params import PARAMS
 from search.config.settings import SETTINGS, available_studies, parse_overrides
+from search.config.urls import masked
 
 # Shown by --help for every key a study file or an override may set.
 KEY_HELP = {key: setting.help for key, setting in SETTINGS.items() if key != "baselines"}
@@ -46,7 +47,8 @@ def main_guard(body: Callable[[list[str]], int], argv: list[str] | None = None) 
     try:
         return body(sys.argv[1:] if argv is None else argv)
     except SearchError as error:
-        print(f"error: {error}", file=sys.stderr)
+        # Masked here whatever raised it: a message quoting a URL never shows its password.
+        print(f"error: {masked(str(error))}", file=sys.stderr)
         return 2
 
 

@@ -21,10 +21,10 @@ import functools
 import hashlib
 import importlib.util
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import sqlalchemy
 
@@ -40,6 +40,15 @@ SERVER_ARTIFACT_DIR = Path("mlruns") / ARTIFACT_DIR_NAME
 LOCK_DIR = Path(tempfile.gettempdir()) / "search-locks"
 
 
+# How to install the driver a database kind lacks (SQLAlchemy's default driver of each kind).
+DRIVER_HINTS = {
+    "postgresql": 'pip install -e ".[postgres]" (psycopg 3)',
+    "mysql": "pip install mysqlclient, or write mysql+pymysql:// after pip install pymysql",
+    "mariadb": "pip install mysqlclient, or write mariadb+pymysql:// after pip install pymysql",
+    "oracle": "pip install oracledb",
+    "mssql": "pip install pyodbc",
+}
+
 # MLflow's own addresses of a logged or registered model: `models:/cnn3-best/1`,
 # `models:/cnn3-best@champion`, `runs:/<run_id>/model`.
 MODEL_URI_SCHEMES = ("models:/", "runs:/", "mlflow-artifacts:/")
@@ -54,14 +63,15 @@ def is_model_uri(text: str) -> bool:
     return text.startswith(MODEL_URI_SCHEMES)
 
 
+# `scheme://user:password@` anywhere in a text: the password runs to the last `@` before the
+# host's end (`/` or a space), as urlsplit reads a netloc.
+_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s/:@]*):[^\s/]*@")
+
+
 def masked(text: str) -> str:
-    """A URL (or an error message that is one) with its password replaced by ***."""
-    with contextlib.suppress(Exception):
-        parts = urlsplit(text)
-        if parts.password is not None:
-            host = parts.netloc.rpartition("@")[2]
-            return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
-    return text
+    """A URL, or any text quoting URLs (an error message, two values of one key), with every
+    password replaced by ***."""
+    return _PASSWORD.sub(r"\1:***@", text)
 
 
 @dataclass(frozen=True)
@@ -139,11 +149,23 @@ class StoreUrl:
         return int.from_bytes(hashlib.sha1(name.encode()).digest()[:8], "big", signed=True)
 
     def check_driver(self) -> None:
-        """A PostgreSQL URL needs its driver, which the `postgres` extra installs."""
-        if self.backend == "postgresql" and not any(
-                importlib.util.find_spec(name) for name in ("psycopg", "psycopg2")):
-            raise SearchError(f"{self.key}={self}: PostgreSQL needs a driver, which is not "
-                              "installed: pip install -e \".[postgres]\" (psycopg 3).")
+        """The URL's database kind must be one SQLAlchemy knows, with its driver installed:
+        a missing driver (`mysql://` without MySQLdb) is a message, not a ModuleNotFoundError."""
+        if self.is_http or self.is_off:
+            return
+        try:
+            dialect = self.parsed.get_dialect()
+        except sqlalchemy.exc.NoSuchModuleError:
+            raise SearchError(f"{self.key}={self}: unknown database kind '{self.parsed.drivername}'"
+                              "; write e.g. sqlite:///path.db or postgresql://user@host/db.") from None
+        try:
+            dialect.import_dbapi()
+        except ImportError as error:
+            module = error.name or str(error)
+            install = DRIVER_HINTS.get(self.backend, f"pip install the package that provides "
+                                                     f"the module {module}")
+            raise SearchError(f"{self.key}={self}: {self.backend} needs its driver {module}, "
+                              f"which is not installed: {install}.") from None
 
 
 def check_writable(folder: Path, key: str, value: object, file: Path | None = None) -> None:

@@ -16,13 +16,14 @@ Example:
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from search.config.errors import SearchError
+from search.config.errors import SearchError, first_line, shown
 from search.training.images import ImageSet
 from search.training.models import build_model
 from search.training.results import MODEL_FORMAT, ModelCard
@@ -100,23 +101,83 @@ def save_classifier(model: Classifier, path: str | Path) -> Path:
 def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Classifier:
     """A model saved by `save_classifier` (a final model of `search.report` or `search.train`).
 
+    The file is read as untrusted: `weights_only=True` (no pickled code runs, and no advice to
+    retry without it is taken), a zip entry that would inflate is refused before it is read,
+    and the weights are held against the network the card describes, built on the meta device
+    (no memory), before anything is allocated for it.
+
     Raises:
-        SearchError: no such file, or not a model saved by this package (or by a newer version).
+        SearchError: no such file, not a model saved by this package (or by a newer version),
+            or weights that do not fit the card; the message names the file and the misfit.
     """
     path = Path(path)
     if not path.is_file():
         raise SearchError(f"model={path}: no such file; a report with retrain=topN saves its "
                           "models under reports/<study_name>/models/.")
     try:
+        _check_stored(path)
         saved = torch.load(path, map_location="cpu", weights_only=True)
         card = ModelCard.from_dict(saved["card"])
+        state_dict = saved["state_dict"]
     except Exception as error:  # noqa: BLE001 - any unpickling error: not our file
         raise SearchError(f"model={path}: not a model saved by search ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0] if str(error) else ''}).") from None
+                          f"{first_line(error)}).") from None
     if card.format > MODEL_FORMAT:
         raise SearchError(f"model={path}: saved in format {card.format} by a newer version of "
                           f"search (this one reads format {MODEL_FORMAT}); upgrade search.")
-    return classifier_from_state(card, saved["state_dict"]).to(device)
+    misfit = _misfit(card, state_dict)
+    if misfit:
+        raise SearchError(f"model={path}: its weights do not fit its card ({misfit}); the file "
+                          "was edited, or holds another model's weights.")
+    return classifier_from_state(card, state_dict).to(device)
+
+
+def _check_stored(path: Path) -> None:
+    """`torch.save` stores its zip entries uncompressed: a compressed one could inflate past
+    anything the file holds, so it is refused from the zip's directory, before it is read."""
+    with zipfile.ZipFile(path) as archive:
+        for entry in archive.infolist():
+            if entry.compress_type != zipfile.ZIP_STORED:
+                raise ValueError(f"entry {entry.filename} is compressed, as torch.save never does")
+
+
+def _misfit(card: ModelCard, state_dict: object) -> str:
+    """What does not fit between the card and the weights ("" when all fits): the card's own
+    sizes, then each tensor's name and shape against the network the card describes."""
+    try:
+        sizes_fit = (card.channels in (1, 3) and isinstance(card.image_size, int)
+                     and 0 < card.image_size <= 1024
+                     and len(card.mean) == len(card.std) == card.channels and len(card.classes) > 1)
+    except TypeError:  # a number where a list belongs
+        sizes_fit = False
+    if not sizes_fit:
+        return (f"the card's sizes disagree: channels={shown(card.channels)}, "
+                f"image_size={shown(card.image_size)}, mean={shown(card.mean)}, "
+                f"std={shown(card.std)}, classes={shown(card.classes)}")
+    try:
+        with torch.device("meta"):  # shapes only: not a byte is allocated
+            expected = build_model(card.model, card.params, in_channels=card.channels,
+                                   image_size=card.image_size,
+                                   num_classes=len(card.classes)).state_dict()
+    except Exception as error:  # noqa: BLE001 - an edited card can break the build any way
+        return f"the card's {card.model} cannot be built: {first_line(error)}"
+    if not isinstance(state_dict, Mapping) or not all(
+            isinstance(v, torch.Tensor) for v in state_dict.values()):
+        return "the weights are not a mapping of names to tensors"
+    missing, extra = expected.keys() - state_dict.keys(), state_dict.keys() - expected.keys()
+    if missing:
+        return f"{min(missing)} is missing from the file"
+    if extra:
+        return f"{min(extra, key=str)} is in the file, not in {card.model}"
+    for name, tensor in expected.items():
+        if state_dict[name].shape != tensor.shape or state_dict[name].dtype != tensor.dtype:
+            return (f"{name} is {_form(state_dict[name])} in the file, {_form(tensor)} in "
+                    f"{card.model} with the card's parameters")
+    return ""
+
+
+def _form(tensor: torch.Tensor) -> str:
+    return f"{'x'.join(map(str, tensor.shape)) or 'a scalar'} {str(tensor.dtype).removeprefix('torch.')}"
 
 
 @torch.inference_mode()

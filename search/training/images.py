@@ -21,12 +21,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import gzip
 import os
-import pickle
 import sys
 import tarfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +32,7 @@ import torch
 
 from search.config.datasets import DATASETS, DEFAULT_DATA_DIR, DatasetSpec
 from search.config.errors import SearchError
+from search.training.file_formats import cifar_images, read_cifar_pickle, read_idx
 
 __all__ = [
     "DATASETS",
@@ -302,20 +300,17 @@ def _read_cifar_batch(
     path: Path, label_key: bytes, num_classes: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Reads one pickled batch as (N, 3, 32, 32) uint8 images and (N,) int64 labels."""
+    batch = read_cifar_pickle(path)
+    images = cifar_images(batch, path)
     try:
-        with path.open("rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-        rows = np.asarray(batch[b"data"], dtype=np.uint8)
         labels = np.asarray(batch[label_key], dtype=np.int64)
-        # Each row is the R plane, then G, then B, each 32x32 row-major: exactly NCHW.
-        images = np.ascontiguousarray(rows.reshape(-1, 3, 32, 32))
-    except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, OverflowError) as error:
         raise SearchError(
-            f"{path} is not a valid CIFAR batch ({type(error).__name__}: {error}); delete it "
-            "and extract the archive again"
-        ) from error
+            f"{path} is not a valid CIFAR batch (its {label_key.decode()} cannot be read: "
+            f"{type(error).__name__}: {error}); delete it and extract the archive again"
+        ) from None
     labels_in_range = len(labels) == 0 or 0 <= labels.min() <= labels.max() < num_classes
-    if len(labels) != len(images) or not labels_in_range:
+    if labels.ndim != 1 or len(labels) != len(images) or not labels_in_range:
         raise SearchError(
             f"{path} is corrupt: {len(images)} images, {len(labels)} labels, labels must lie "
             f"in 0..{num_classes - 1}; delete it and extract the archive again"
@@ -376,7 +371,8 @@ def _load_fashion_mnist(data_dir: Path, *, train: bool, download: bool) -> Image
         _ANNOUNCED.add(image_path)
         print(f"note: fashion_mnist from {FASHION_MNIST_SYSTEM_DIR} (Debian's "
               f"dataset-fashion-mnist; there is no copy under {data_dir}/).", file=sys.stderr)
-    images = read_idx(image_path, ndim=3)
+    spec = DATASETS["fashion_mnist"]
+    images = read_idx(image_path, ndim=3, item_shape=(spec.image_size, spec.image_size))
     labels = read_idx(label_path, ndim=1).astype(np.int64)
     if len(images) != len(labels) or (len(labels) > 0 and labels.max() >= 10):
         raise SearchError(
@@ -397,30 +393,6 @@ def _find_fashion_mnist(
         if image_path and label_path:
             return image_path, label_path
     return None
-
-
-def read_idx(path: Path, *, ndim: int) -> np.ndarray:
-    """Parses an idx file of unsigned bytes (magic 0x0000 0x08 ndim, then big-endian dims)."""
-    opener: Callable = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            buffer = f.read()
-    except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError.
-        raise SearchError(f"cannot read {path}: {error}") from error
-    header = 4 + 4 * ndim
-    if len(buffer) < header or buffer[:4] != bytes([0, 0, 0x08, ndim]):
-        raise SearchError(
-            f"{path} is not an idx file of {ndim}-dimensional unsigned bytes (magic number "
-            f"{buffer[:4].hex()!r}, expected {bytes([0, 0, 8, ndim]).hex()!r})"
-        )
-    dims = tuple(int(d) for d in np.frombuffer(buffer, dtype=">u4", count=ndim, offset=4))
-    if len(buffer) - header != int(np.prod(dims)):
-        raise SearchError(
-            f"{path} is truncated or corrupt: header says {dims} but it holds "
-            f"{len(buffer) - header} bytes of data"
-        )
-    # Copy out of the read-only bytes object: torch tensors must be writable.
-    return np.frombuffer(buffer, dtype=np.uint8, offset=header).reshape(dims).copy()
 
 
 # ----------------------------------------------------------------------------------------------
