@@ -317,3 +317,19 @@ def test_no_message_shows_a_password(tmp_path, monkeypatch, capsys):
     assert main_guard(fails, []) == 2
     err = capsys.readouterr().err
     assert "SECRET" not in err and "http://me:***@host:5000/x" in err and "me:***@db/y" in err
+
+
+def test_links_pipes_and_non_images_are_named_with_what_the_model_takes(tmp_path, capsys):
+    model = save_classifier(make_model("fashion_mnist"), tmp_path / "m.pt")
+    os.symlink(tmp_path / "loop-a", tmp_path / "loop-b")
+    os.symlink(tmp_path / "loop-b", tmp_path / "loop-a")
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    os.mkfifo(folder / "pipe.png")  # reading it would block forever
+    (tmp_path / "notes.txt").write_text("not an image")
+    takes = "this model takes 28x28 pixels with 1 channel(s)."
+    cases = {tmp_path / "loop-a": "a broken link or a link loop",
+             folder: "pipe.png: not a regular file", tmp_path / "notes.txt": "not a picture"}
+    for path, fragment in cases.items():
+        code, out, err = predict(capsys, f"model={model}", f"images={path}")
+        assert code == 2 and out == [] and fragment in err and err.strip().endswith(takes), err
