@@ -8,9 +8,13 @@ node idle (not after a sleep); `stop` cancels what still runs and stops the thre
     ...
     cluster.stop()
 
-The node declares more CPUs than the machine has (see `CONFIG`), and jobs, all root's, run
-without cgroups (proctrack/linuxproc, no task binding), which would need a cgroup.conf and a
-delegated cgroup tree.
+The node is declared as `slurmd -C` measures the machine (2 CPUs here), as a real cluster's is,
+so a request that does not fit a real small node is refused here too. Tasks are bound to their
+CPUs (task/affinity: sched_setaffinity, no cgroups, which would need a cgroup.conf and a
+delegated cgroup tree in this container); processes are tracked by their parent pids
+(proctrack/linuxproc). The node has four fake GPUs, as SLURM's own test suite schedules them:
+`gres.conf` with AutoDetect=off and File= naming character devices made here (copies of
+/dev/null), so `--gres=gpu:1` is scheduled and CUDA_VISIBLE_DEVICES set, with no GPU behind it.
 Accounting is SLURM's job completion log (jobcomp/filetxt), which `sacct --completion` reads:
 slurmdbd would need a MySQL server. The log holds a job's last state, one record per run.
 """
@@ -18,8 +22,10 @@ slurmdbd would need a MySQL server. The log holds a job's last state, one record
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 import time
@@ -47,9 +53,11 @@ SlurmctldPidFile=%(folder)s/slurmctld.pid
 SlurmdPidFile=%(folder)s/slurmd.pid
 SlurmctldLogFile=%(folder)s/slurmctld.log
 SlurmdLogFile=%(folder)s/slurmd.log
-# No cgroups in a container: processes are tracked by their parent pids, tasks are not bound.
+# No cgroups in a container: processes are tracked by their parent pids; tasks are bound to
+# the CPUs they were given with sched_setaffinity.
 ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
+TaskPlugin=task/affinity
+GresTypes=gpu
 JobAcctGatherType=jobacct_gather/none
 MpiDefault=none
 # CPUs are what jobs are given; memory is not tracked (a job's --mem must only fit the node).
@@ -63,12 +71,14 @@ JobCompLoc=%(folder)s/jobcomp.log
 # Jobs stay in slurmctld's memory (scontrol show job) long after they end.
 MinJobAge=3600
 ReturnToService=2
-# The node as declared here, not as measured (config_overrides): 16 CPUs on a 2-core machine, so
-# that four tasks of the recipe (4 CPUs each) run at once, as on one real node, and 64 GB, so
-# that its --mem=16G fits (memory is not consumed: CR_CPU above).
-SlurmdParameters=config_overrides
-NodeName=%(node)s NodeAddr=127.0.0.1 CPUs=16 RealMemory=65536 State=UNKNOWN
+# The node as `slurmd -C` measures it (CPUs, sockets, cores, threads, memory), with four GPUs.
+%(node_line)s NodeAddr=127.0.0.1 Gres=gpu:%(gpus)d State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+GPUS = 4
+GRES_CONFIG = """\
+AutoDetect=off
+NodeName=%(node)s Name=gpu File=%(folder)s/fake-gpu[0-%(last)d]
 """
 
 
@@ -128,8 +138,16 @@ class SlurmCluster:
         key = folder / "munge.key"
         key.write_bytes(os.urandom(128))
         key.chmod(0o600)  # munged refuses a key others can read
-        self.config.write_text(CONFIG % {"node": self.node, "folder": folder,
-                                         "ctld_port": _free_port(), "slurmd_port": _free_port()})
+        measured = subprocess.run([shutil.which("slurmd", path=SEARCH_PATH), "-C"],
+                                  capture_output=True, text=True, timeout=30, check=True)
+        node_line = re.sub(r"^NodeName=\S+", f"NodeName={self.node}", measured.stdout.splitlines()[0])
+        for index in range(GPUS):  # character devices, as GPUs are: copies of /dev/null
+            os.mknod(folder / f"fake-gpu{index}", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        (folder / "gres.conf").write_text(GRES_CONFIG % {"node": self.node, "folder": folder,
+                                                         "last": GPUS - 1})
+        self.config.write_text(CONFIG % {"node": self.node, "folder": folder, "node_line": node_line,
+                                         "gpus": GPUS, "ctld_port": _free_port(),
+                                         "slurmd_port": _free_port()})
         # In the foreground (-F, -D), so that each daemon is this process's child to stop.
         self._daemon("munged", ["munged", "-F", "--force", f"--key-file={key}",
                                 f"--socket={folder / 'munge.socket'}",

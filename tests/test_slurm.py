@@ -9,6 +9,7 @@ shows in anything SLURM or the tasks write.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -29,10 +30,11 @@ pytestmark = [pytest.mark.slow,
 
 SBATCH = ROOT / "deploy" / "slurm" / "search.sbatch"
 TASKS, N_TRIALS, EPOCHS = 4, 8, 8
-# On the sbatch line: four tasks instead of eight (two cores), no GPU; after the script's name,
-# words that replace or add to its command's: the CPU, the built-in fake data set, the small cnn3,
-# eight 8-epoch trials (2-5 s each, four processes on two cores), a checkpoint after every epoch.
-SUBMIT_OPTIONS = [f"--array=0-{TASKS - 1}", "--gres=none"]
+# On the sbatch line: four tasks instead of eight, one CPU each (the node has two: two tasks run
+# at once, each bound to its CPU), no GPU; after the script's name, words that replace or add to
+# its command's: the CPU, the built-in fake data set, the small cnn3, eight 8-epoch trials (2-5 s
+# each), a checkpoint after every epoch.
+SUBMIT_OPTIONS = [f"--array=0-{TASKS - 1}", "--gres=none", "--cpus-per-task=1"]
 WORDS = ["device=cpu", "dataset=fake", f"epochs={EPOCHS}", f"n_trials={N_TRIALS}",
          "checkpoint_every=0", "pruner=none", "baselines=[]", *SMALL_CNN]
 
@@ -49,6 +51,15 @@ def slurm():
     print(f"\nSLURM cluster up (sinfo: idle) in {time.monotonic() - started:.1f} s")
     yield cluster
     cluster.stop()
+
+
+def submit_folder(tmp_path: Path) -> Path:
+    """Where sbatch is run, as a checkout of the repository looks to the script: its studies/
+    and the logs/ folder it ships."""
+    submit = tmp_path / "submit"
+    (submit / "logs").mkdir(parents=True)
+    (submit / "studies").symlink_to(ROOT / "studies")
+    return submit
 
 
 def private_file(path: Path, text: str) -> Path:
@@ -97,9 +108,7 @@ def test_the_recipe_runs_an_array_job_through_a_scancel_and_a_requeue(slurm, pos
                           f"127.0.0.1:{postgres.port}:{mlflow_db}:search:{PASSWORD}\n")
     # The submit directory: the tasks run there (studies/ is read from it) and write their logs
     # and the artifact store they share (mlruns/optuna-artifacts: checkpoints, curves) there.
-    submit = tmp_path / "submit"
-    submit.mkdir()
-    (submit / "studies").symlink_to(ROOT / "studies")
+    submit = submit_folder(tmp_path)
     env = {key: value for key, value in cli_env().items()  # sbatch exports it to the tasks
            if key not in ("SEARCH_STORAGE", "PGPASSWORD") and not key.startswith(("SLURM_", "SBATCH_"))}
     env.update(SEARCH_STORAGE_FILE=str(storage_file), SEARCH_VENV=sys.prefix,
@@ -110,7 +119,7 @@ def test_the_recipe_runs_an_array_job_through_a_scancel_and_a_requeue(slurm, pos
     job = slurm.run("sbatch", "--parsable", *SUBMIT_OPTIONS, str(SBATCH), *WORDS,
                     cwd=submit, env=env).strip()
     assert job.isdigit(), job
-    logs = [submit / f"search-cnn3-{job}_{task}.out" for task in range(TASKS)]
+    logs = [submit / "logs" / f"search-cnn3-{job}_{task}.out" for task in range(TASKS)]
     opened: list[optuna.Study] = []  # one connection pool for every poll
 
     def two_tasks_mid_trial() -> dict[int, FrozenTrial] | None:
@@ -136,6 +145,10 @@ def test_the_recipe_runs_an_array_job_through_a_scancel_and_a_requeue(slurm, pos
 
     victims = poll("two tasks mid-trial", two_tasks_mid_trial, slurm, timeout=120)
     (cancelled, cancelled_trial), (requeued, requeued_trial) = victims.items()
+    # Each training process is bound to the one CPU its task was given, not the node's two: srun
+    # got --cpus-per-task (SLURM 22.05 no longer passes it on), and the two tasks share none.
+    bound = [os.sched_getaffinity(trial.user_attrs["owner"]["pid"]) for trial in victims.values()]
+    assert [len(cpus) for cpus in bound] == [1, 1] and not bound[0] & bound[1], bound
     slurm.run("scancel", f"{job}_{cancelled}")               # SIGTERM (SIGKILL after KillWait)
     slurm.run("scontrol", "requeue", f"{job}_{requeued}")   # the same, then back to the queue
     # SLURM holds a requeued job for two minutes (its begin time); an administrator lets it go.
@@ -206,6 +219,11 @@ def test_the_recipe_runs_an_array_job_through_a_scancel_and_a_requeue(slurm, pos
     texts = {task: path.read_text() for task, path in enumerate(logs)}
     for task, text in texts.items():
         assert "Traceback" not in text and "warning" not in text.lower(), text
+        # The script's first line says where the task ran; PyTorch's threads follow the binding.
+        assert re.match(r"search: job \d+ \(array task \d\) on \S+: CPUs \d, "
+                        r"CUDA_VISIBLE_DEVICES=none$", text.splitlines()[0]), text
+        threads = re.findall(r"device cpu \((\d+) of (\d+) usable CPUs\)", text)
+        assert threads and set(threads) == {("1", "1")}, text
         started = re.findall(r"^(?:Created|Resuming) study 'cnn3'", text, re.M)
         assert len(started) == 1 + (task == requeued), text  # the requeued task ran it twice
         ours = [line for line in text.splitlines()
@@ -228,3 +246,72 @@ def test_the_recipe_runs_an_array_job_through_a_scancel_and_a_requeue(slurm, pos
 
     print(f"\nthe array job: {wall:.1f} s from sbatch to the last task's end; {N_TRIALS} trials "
           f"in {TASKS} tasks: {N_TRIALS / TASKS / wall * 3600:.0f} trials/hour per task")
+
+
+def test_the_documented_commands_fit_a_node_declared_as_measured(slurm, tmp_path):
+    """The node is declared as `slurmd -C` measures this machine (2 CPUs): the README's commands
+    are accepted as they are (`--test-only`: SLURM checks the request and starts nothing), and a
+    task larger than the node is refused, as on a real small node."""
+    submit = submit_folder(tmp_path)
+    assert re.search(rf"\bCPUTot={os.cpu_count()}\b", slurm.run("scontrol", "show", "node"))
+    for options in ([], ["--gres=none"]):
+        done = subprocess.run(["sbatch", "--test-only", *options, str(SBATCH), "device=cpu"],
+                              cwd=submit, env=slurm.env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and "to start at" in done.stderr, (options, done.stderr)
+    too_big = subprocess.run(["sbatch", "--test-only", f"--cpus-per-task={os.cpu_count() + 2}",
+                              str(SBATCH)], cwd=submit, env=slurm.env, capture_output=True,
+                             text=True, timeout=60)
+    assert too_big.returncode != 0 and "node configuration is not available" in too_big.stderr
+
+
+def sqlite_env(tmp_path: Path, storage: Path) -> dict[str, str]:
+    """The tasks' environment for a study in a SQLite file, with MLflow logging off."""
+    env = {key: value for key, value in cli_env().items()
+           if key != "SEARCH_STORAGE" and not key.startswith(("SLURM_", "SBATCH_"))}
+    env.update(SEARCH_STORAGE_FILE=str(private_file(tmp_path / "search-storage",
+                                                    f"sqlite:///{storage}\n")),
+               SEARCH_VENV=sys.prefix, MLFLOW_TRACKING_URI="none")
+    return env
+
+
+def test_a_task_of_two_cpus_trains_on_both(slurm, tmp_path):
+    """With task binding on, the training process gets every CPU its task asked for, and
+    PyTorch runs that many threads (srun is given --cpus-per-task: since SLURM 22.05 it does not
+    take it from the job, and the step would be bound to one CPU)."""
+    submit = submit_folder(tmp_path)
+    env = sqlite_env(tmp_path, tmp_path / "optuna.db")
+    job = slurm.run("sbatch", "--parsable", "--array=0", "--gres=none", "--cpus-per-task=2",
+                    str(SBATCH), "device=cpu", "dataset=fake", "epochs=1", "n_trials=1",
+                    "baselines=[]", *SMALL_CNN, cwd=submit, env=env).strip()
+    poll("the task to end", lambda: not squeue(slurm, job), slurm, timeout=120)
+    text = (submit / "logs" / f"search-cnn3-{job}_0.out").read_text()
+    assert re.search(r"^search: job \d+ \(array task 0\) on \S+: CPUs 0[-,]1,", text, re.M), text
+    assert "device cpu (2 of 2 usable CPUs)" in text, text
+    assert re.search(r"^trial +0 complete", text, re.M), text
+
+
+def test_gpu_tasks_each_get_their_own_gpu_and_a_clear_refusal_without_cuda(slurm, tmp_path):
+    """The recipe as shipped (`--gres=gpu:1`, `device=cuda`) on the node's four fake GPUs: the
+    two tasks that run at once are given different GPUs (CUDA_VISIBLE_DEVICES), and with no
+    CUDA behind them each stops at once with one clear line, exit status 2, nothing written."""
+    submit = submit_folder(tmp_path)
+    storage = tmp_path / "optuna.db"
+    env = sqlite_env(tmp_path, storage)
+    # Held, then released: both tasks are placed in one scheduling pass, so both hold a GPU at once.
+    job = slurm.run("sbatch", "--parsable", "--hold", "--array=0-1", "--cpus-per-task=1",
+                    str(SBATCH), *WORDS[1:], cwd=submit, env=env).strip()
+    slurm.run("scontrol", "release", job)
+    poll("both tasks to end", lambda: not squeue(slurm, job), slurm, timeout=120)
+    shown = slurm.run("scontrol", "show", "job", job)
+    assert re.findall(r"JobState=(\w+)", shown) == ["FAILED", "FAILED"], shown
+    assert re.findall(r"ExitCode=(\d+):", shown) == ["2", "2"], shown
+    visible = []
+    for task in (0, 1):
+        text = (submit / "logs" / f"search-cnn3-{job}_{task}.out").read_text()
+        header = re.match(r"search: job \d+ \(array task \d\) on \S+: CPUs \d, "
+                          r"CUDA_VISIBLE_DEVICES=(\d)$", text.splitlines()[0])
+        assert header, text
+        visible.append(header[1])
+        assert "error: device=cuda: CUDA is not available" in text and "Traceback" not in text, text
+    assert len(set(visible)) == 2, visible
+    assert not storage.exists()  # refused before anything was written

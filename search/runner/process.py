@@ -47,10 +47,19 @@ from search.tracking.dashboard_artifacts import DashboardArtifacts
 from search.training.images import SearchData
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: a scheduler's binding (SLURM's task/affinity, a cgroup's
+    cpuset, `taskset`) leaves fewer than the machine has, which `os.cpu_count()` counts."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _share_cpu(workers: int, device: torch.device) -> None:
-    """On a CPU, each of N processes gets its share of the cores instead of all competing."""
+    """On a CPU, each of N processes gets its share of the usable CPUs instead of all competing
+    (one process keeps PyTorch's own choice, which OMP_NUM_THREADS and the binding set)."""
     if device.type == "cpu" and workers > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        torch.set_num_threads(max(1, usable_cpus() // workers))
 
 
 @dataclasses.dataclass
@@ -88,11 +97,13 @@ class Session:
     def describe(self) -> str:
         config, data = self.config, self.data
         workers = f", {config.workers} worker processes" if config.workers > 1 else ""
+        threads = (f" ({torch.get_num_threads()} of {usable_cpus()} usable CPUs)"
+                   if self.device.type == "cpu" else "")
         return (f"{'Created' if self.created else 'Resuming'} study '{config.study_name}' in "
                 f"{config.storage}: {config.model} on {config.dataset} ({len(data.train)} train / "
                 f"{len(data.val)} val images), {config.epochs} epochs max, "
                 f"{count_finished(self.study)}/{config.n_trials} trials finished, device "
-                f"{self.device}{workers}.")
+                f"{self.device}{threads}{workers}.")
 
     def run_trials(self, stop: StopSignal, callbacks: list[Callable], *, since: datetime,
                    parent_pid: int | None = None) -> None:
