@@ -13,19 +13,25 @@ import sqlite3
 from pathlib import Path
 
 import optuna
+import optuna_dashboard
 import pytest
-from conftest import cli_env, finish, start_cli
+from conftest import FAKE, cli_env, finish, start_cli
 from mlflow import MlflowClient
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
 
 import search
 from search import dashboard
 from search.config.command_line import main_guard
+from search.config.settings import load_config
 from search.report import main as report_main
+from search.storage.studies import open_study
 from search.sync import main as sync_main
 from search.train import main as train_main
 
 # What SQLite itself keeps beside an open database while a connection lives: not ours to count.
 SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
+LR = {"lr": FloatDistribution(1e-4, 1e-1, log=True)}
 
 
 def tree(root: Path) -> set[str]:
@@ -54,6 +60,23 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("SEARCH_STORAGE", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return cwd
+
+
+def make_study(folder: Path, states: list[TrialState]) -> str:
+    """A cnn3 study, created as search.run creates it (its config stored), in `folder`/optuna.db,
+    whose MLflow store `folder`/mlflow.db was never made; one trial per state, told without
+    training. Returns the storage URL."""
+    folder.mkdir(exist_ok=True)
+    storage = f"sqlite:///{folder / 'optuna.db'}"
+    config = load_config([*FAKE, f"storage={storage}", f"tracking_uri=sqlite:///{folder / 'mlflow.db'}",
+                          "baselines=[]", "epochs=2"])
+    study, _, _ = open_study(config)
+    for state in states:
+        trial = study.ask(LR)
+        if state != TrialState.FAIL:
+            trial.report(0.5, 1)
+        study.tell(trial, 0.5 if state == TrialState.COMPLETE else None, state=state)
+    return storage
 
 
 # ---------------------------------------------------------------- a model from a tracking store
@@ -116,3 +139,15 @@ def test_a_missing_storage_is_refused_by_every_reader_and_nothing_is_made(workdi
         assert main_guard(main, ["study=cnn3", "trial=0"] if main is train_main else ["study=cnn3"]) == 2
         assert capsys.readouterr().err.strip() == f"error: {message}"
     assert tree(workdir.parent) == {"cwd"}
+
+
+def test_the_dashboard_creates_no_artifact_folder(tmp_path: Path, monkeypatch, capsys) -> None:
+    storage = make_study(tmp_path / "store", [TrialState.COMPLETE])
+    before = tree(tmp_path)
+    started = {}
+    monkeypatch.setattr(optuna_dashboard, "run_server",
+                        lambda storage, **kwargs: started.update(storage=storage, **kwargs))
+    assert main_guard(dashboard.main, ["study=cnn3", f"storage={storage}"]) == 0
+    assert started["artifact_store"] is None
+    assert f"no artifacts: no folder: {tmp_path / 'store' / 'optuna-artifacts'}" in capsys.readouterr().out
+    assert tree(tmp_path) == before
