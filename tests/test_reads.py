@@ -151,3 +151,29 @@ def test_the_dashboard_creates_no_artifact_folder(tmp_path: Path, monkeypatch, c
     assert started["artifact_store"] is None
     assert f"no artifacts: no folder: {tmp_path / 'store' / 'optuna-artifacts'}" in capsys.readouterr().out
     assert tree(tmp_path) == before
+
+
+# ---------------------------------------------------------------- nothing to retrain
+
+def test_a_report_with_nothing_to_retrain_creates_no_mlflow_store(tmp_path: Path) -> None:
+    storage = make_study(tmp_path / "store", [TrialState.PRUNED, TrialState.FAIL])
+    before = tree(tmp_path)
+    out = tmp_path / "out"
+    assert main_guard(report_main, ["study=cnn3", f"storage={storage}", "retrain=top1",
+                                    f"out={out}"]) == 0
+    assert "Not run: no trial has completed yet." in (out / "cnn3" / "report.md").read_text()
+    added = tree(tmp_path) - before
+    assert {"out", "out/cnn3", "out/cnn3/report.md", "out/cnn3/trials.csv"} <= added
+    assert all(path.startswith("out/cnn3/") or path in ("out", "out/cnn3") for path in added), added
+    assert not (out / "cnn3" / "models").exists() and not (tmp_path / "store" / "mlflow.db").exists()
+
+
+def test_a_report_or_train_that_refuses_leaves_no_folder_and_no_mlflow_store(
+        tmp_path: Path, workdir: Path, capsys) -> None:
+    storage = make_study(tmp_path / "store", [TrialState.FAIL])
+    before = tree(tmp_path)
+    assert main_guard(report_main, ["study=cnn3", f"storage={storage}", "retrain=top1"]) == 2
+    assert "has no finished trial yet (1 fail)" in capsys.readouterr().err
+    assert main_guard(train_main, ["study=cnn3", f"storage={storage}", "trial=7", "full=true"]) == 2
+    assert "trial=7: study 'cnn3' has trials 0..0" in capsys.readouterr().err
+    assert tree(tmp_path) == before  # no reports/, reports/cnn3/models/ or store/mlflow.db
