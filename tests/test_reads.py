@@ -15,7 +15,7 @@ from pathlib import Path
 import optuna
 import optuna_dashboard
 import pytest
-from conftest import FAKE, cli_env, finish, start_cli
+from conftest import FAKE, cli_env, finish, free_port, start_cli
 from mlflow import MlflowClient
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
@@ -102,6 +102,11 @@ def test_load_model_creates_no_store_and_takes_over_no_database(workdir: Path, m
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///typo.db")
     with pytest.raises(search.SearchError, match="^tracking_uri=sqlite:///typo.db: no such MLflow store"):
         search.predict("models:/cnn3-best/1", workdir, top_k=1)  # predict loads it the same way
+    for uri, message in ((f"http://127.0.0.1:{free_port()}", "cannot reach the MLflow tracking store"),
+                         ("mlruns", "a directory is MLflow's old file store")):
+        with pytest.raises(search.SearchError, match=f"^tracking_uri={uri}: {message}.*[Ss]et "
+                           "tracking_uri= to the store search.run logged to"):
+            search.load_model("models:/cnn3-best/1", tracking_uri=uri)
     assert tree(workdir.parent) == before
 
     # Files that exist but are not MLflow stores are refused, not migrated into one.

@@ -174,7 +174,7 @@ def check_existing_tracking(uri: StoreUrl) -> None:
     if uri.is_http:
         check_tracking(uri, advice=f" Or {where}.")  # one quick request: creates nothing there
         return
-    _refuse_file_store(uri, f" For a model logged there, {where}.")
+    _refuse_file_store(uri, f" To read a model, {where}.")
     database = uri.sqlite_file
     if database is not None and not database.is_file():
         default = " (the default)" if uri.is_default else ""
