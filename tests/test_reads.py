@@ -21,7 +21,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 import search
-from search import dashboard
+from search import api, dashboard
 from search.config.command_line import main_guard
 from search.config.settings import load_config
 from search.report import main as report_main
@@ -101,7 +101,9 @@ def test_load_model_creates_no_store_and_takes_over_no_database(workdir: Path, m
         search.load_model("models:/cnn3-best/1")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///typo.db")
     with pytest.raises(search.SearchError, match="^tracking_uri=sqlite:///typo.db: no such MLflow store"):
-        search.predict("models:/cnn3-best/1", workdir, top_k=1)  # predict loads it the same way
+        # search.predict loads it the same way (named through search.api: once a test module
+        # has imported the command `search.predict`, that module shadows the function).
+        api.predict("models:/cnn3-best/1", workdir, top_k=1)
     for uri, message in ((f"http://127.0.0.1:{free_port()}", "cannot reach the MLflow tracking store"),
                          ("mlruns", "a directory is MLflow's old file store")):
         with pytest.raises(search.SearchError, match=f"^tracking_uri={uri}: {message}.*[Ss]et "
