@@ -206,7 +206,8 @@ def load_model(model: str | Path, *, device: str = "cpu", tracking_uri: str | No
             (`models:/cnn3-best/1`, `models:/cnn3-best@champion`, `runs:/<run_id>/model`).
         device: where to put it (`cpu`, `cuda`, `cuda:1`).
         tracking_uri: the MLflow store of a model URI (default: `$MLFLOW_TRACKING_URI`, else the
-            local SQLite store).
+            local SQLite store). It must exist: a store that is not there is a `SearchError`
+            naming `tracking_uri=`, never created.
 
     Returns:
         A `search.training.classifier.Classifier` (a `torch.nn.Module`), in eval mode.

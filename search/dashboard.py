@@ -57,12 +57,16 @@ def main(argv: list[str]) -> int:
     _, storage = load_stored_study(config.storage, config.study_name)
     study_id = storage.get_study_id_from_name(config.study_name)
     folder = config.storage.artifact_dir
+    # A dashboard only reads: an artifact folder that is not there (no trial has finished with
+    # artifacts, or a database server's study seen from another folder) is not created.
+    artifacts = artifact_store(config.storage) if folder.is_dir() else None
     print(f"optuna-dashboard for study '{config.study_name}' in {config.storage} "
-          f"(artifacts: {folder}):\n  http://{options['host']}:{options['port']}/dashboard/"
-          f"studies/{study_id}\nCtrl-C stops it.", flush=True)
+          f"({'artifacts' if artifacts is not None else 'no artifacts: no folder'}: {folder}):\n"
+          f"  http://{options['host']}:{options['port']}/dashboard/studies/{study_id}\n"
+          "Ctrl-C stops it.", flush=True)
     try:
         optuna_dashboard.run_server(storage, host=options["host"], port=options["port"],
-                                    artifact_store=artifact_store(config.storage))
+                                    artifact_store=artifacts)
     except OSError as error:
         raise SearchError(f"port={options['port']}: cannot listen on {options['host']} ({error}); "
                           "try another port=.") from None

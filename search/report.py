@@ -7,7 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from search.analysis.compare import write_comparison
-from search.analysis.compose import ReportOptions, StudyReport, write_report
+from search.analysis.compose import (
+    ReportOptions,
+    StudyReport,
+    check_reportable,
+    retrains_anything,
+    write_report,
+)
 from search.analysis.final_models import final_models_hook
 from search.config.command_line import (
     KEY_HELP,
@@ -96,13 +102,17 @@ def main(argv: list[str]) -> int:
     overrides = command_overrides(argv, "search.report", KEYS)
     options = parse_options(overrides)
     quiet_optuna()
-    # Open every study and the output folder first, so a typo in the second name or a folder
-    # that cannot be written fails before any work (retraining takes hours) is done.
+    # Open every study and the output folder first, so a typo in the second name, a study with
+    # nothing to report or a folder that cannot be written fails before any work (retraining
+    # takes hours) is done, and before anything is created.
     sources = [open_source(locations) for locations in split_studies(overrides)]
+    for source in sources:
+        check_reportable(source)
     writable_folder(options.out)
     reports = []
     for source in sources:
-        models = final_models_hook(source) if options.retrain else None
+        # MLflow's final runs only for models that will be trained: no experiment for nothing.
+        models = final_models_hook(source) if retrains_anything(source, options) else None
         report = write_report(source, options, on_final_run=models)
         reports.append(report)
         print(f"Report of study '{source.study.study_name}': {report.markdown} and {report.html} "

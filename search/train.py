@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from search.analysis.compose import MODELS_FOLDER
-from search.analysis.final_models import final_models_hook, retrain_trial
+from search.analysis.final_models import find_trial, final_models_hook, retrain_trial
 from search.config.command_line import (
     KEY_HELP,
     command_overrides,
@@ -60,6 +60,7 @@ def main(argv: list[str]) -> int:
     full = flag("full", overrides.get("full", False))
     quiet_optuna()
     source = open_source({k: v for k, v in overrides.items() if k in LOCATION_KEYS})
+    find_trial(source, number)  # a trial that is not there is refused before any folder or run
     save_dir = Path(str(overrides.get("out", "reports"))) / source.config.study_name / MODELS_FOLDER
     if full:
         writable_folder(save_dir, "out")

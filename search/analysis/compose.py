@@ -323,10 +323,8 @@ def _final_blocks(study, config: StudyConfig, options: ReportOptions, drawer: _F
 
 # ---------------------------------------------------------------- the whole report
 
-def write_report(source: StudySource, options: ReportOptions, *,
-                 on_final_run: FinalTrainingHook | None = None,
-                 log: Callable[[str], None] = print) -> StudyReport:
-    """Writes `<out>/<study_name>/` and returns what was written.
+def check_reportable(source: StudySource) -> tables.Summary:
+    """The study's summary, once it has a trial to report on.
 
     Raises:
         SearchError: the study has no finished (complete or pruned) trial.
@@ -338,6 +336,25 @@ def write_report(source: StudySource, options: ReportOptions, *,
         raise SearchError(f"study '{study.study_name}' in {config.storage} has no finished trial yet "
                           f"({counts}); a report needs at least one complete or pruned trial. "
                           f"Run or resume it: python -m search.run {location_args(config)}")
+    return summary
+
+
+def retrains_anything(source: StudySource, options: ReportOptions) -> bool:
+    """Whether the report's final evaluation will train a model: `retrain=topN` and a complete
+    trial to rank (without one, no MLflow run or models folder is made for it)."""
+    return bool(options.retrain and tables.top_trials(source.study, 1))
+
+
+def write_report(source: StudySource, options: ReportOptions, *,
+                 on_final_run: FinalTrainingHook | None = None,
+                 log: Callable[[str], None] = print) -> StudyReport:
+    """Writes `<out>/<study_name>/` and returns what was written.
+
+    Raises:
+        SearchError: the study has no finished (complete or pruned) trial.
+    """
+    study, config = source.study, source.config
+    summary = check_reportable(source)
     folder = options.out / study.study_name
     folder.mkdir(parents=True, exist_ok=True)
     tables.trials_frame(study, config).to_csv(folder / "trials.csv", index=False)

@@ -59,6 +59,8 @@ def _connect_timeout(url: StoreUrl) -> dict[str, Any]:
 
 def table_names(url: StoreUrl) -> list[str] | None:
     """The tables of the database at `url`, or None where a SQLite file does not exist yet.
+    Only reads: a missing file or folder stays missing (a command that will write checks the
+    folder first, `check_folder`).
 
     Raises:
         SearchError: the server cannot be reached, or the file is not a SQLite database.
@@ -66,10 +68,8 @@ def table_names(url: StoreUrl) -> list[str] | None:
     url.parsed  # noqa: B018 - a malformed URL is refused here, with its own message
     url.check_driver()
     database = url.sqlite_file
-    if database is not None:
-        check_folder(url)
-        if not database.exists():
-            return None
+    if database is not None and not database.exists():
+        return None
     engine = sqlalchemy.create_engine(url.raw, connect_args=_connect_timeout(url))
     try:
         with engine.connect() as connection:
@@ -86,11 +86,14 @@ def table_names(url: StoreUrl) -> list[str] | None:
 
 def open_if_exists(url: StoreUrl) -> optuna.storages.RDBStorage | None:
     """The Optuna storage at `url` opened for reading, or None where it has no tables yet (a new
-    file, an empty database): nothing is created here.
+    file, an empty database): nothing is created here but the default storage's folder, which
+    the run that asks is about to write to.
 
     Raises:
         SearchError: as `table_names`; or the database holds another program's tables.
     """
+    if url.sqlite_file is not None:
+        check_folder(url)
     tables = table_names(url)
     if not tables:
         return None

@@ -58,7 +58,7 @@ from search.config.errors import SearchError
 from search.config.settings import StudyConfig, to_yaml
 from search.config.urls import DEFAULTS, StoreUrl, masked
 from search.storage.backends import DatabaseLock, write_ahead_log
-from search.storage.checks import table_names
+from search.storage.checks import check_folder, table_names
 from search.storage.trials import StudyAttr, TrialAttr, params_of
 from search.training.loop import resolve_device
 from search.training.results import EpochMetrics
@@ -90,6 +90,9 @@ HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BA
 # After a failed call, logging pauses this long (then the next, ...) before it tries again; what
 # is not logged meanwhile is backfilled from the Optuna storage (`ParentRun.backfill`).
 BACKOFF_SECONDS = (5, 15, 60, 300)
+# Tables every MLflow database has: a store without them is not MLflow's (or not one yet).
+MLFLOW_TABLES = {"experiments", "runs", "alembic_version"}
+OFF_ADVICE = " Add tracking_uri=none to run the study without MLflow logging."
 
 
 def now_ms() -> int:
@@ -108,12 +111,13 @@ def short_reason(error: BaseException) -> str:
     return (text[:300] + "...") if len(text) > 300 else (text or type(error).__name__)
 
 
-def check_tracking(uri: StoreUrl, experiment: str | None = None) -> None:
+def check_tracking(uri: StoreUrl, experiment: str | None = None, *,
+                   advice: str = OFF_ADVICE) -> None:
     """Fails with a `SearchError` when the MLflow tracking store at `uri` cannot be used.
 
     Called before the study is opened, so an unreachable server stops the run before any trial;
     it writes nothing (a new SQLite store is created on first use, after the study). The default
-    SQLite store's folder is created.
+    SQLite store's folder is created. `advice` ends every refusal (what else the user can do).
 
     Raises:
         SearchError: the URI is a plain directory (MLflow 3's file store is not supported), its
@@ -121,19 +125,15 @@ def check_tracking(uri: StoreUrl, experiment: str | None = None) -> None:
             server does not answer, or the study's experiment (`experiment`) is deleted there.
     """
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # not "Creating initial tables..."
-    off = " Add tracking_uri=none to run the study without MLflow logging."
-    scheme = urlparse(uri.raw).scheme
-    if scheme in ("", "file") or re.fullmatch(r"[A-Za-z]", scheme):  # a path (C:\ on Windows)
-        raise SearchError(
-            f"tracking_uri={uri}: a directory is MLflow's old file store, which MLflow 3 no longer "
-            f"supports. Use a database such as {DEFAULTS['tracking_uri']} (the default) or the "
-            "http:// URL of an `mlflow server`." + off)
+    _refuse_file_store(uri, advice)
     if not uri.is_http:
         try:
+            if uri.sqlite_file is not None:
+                check_folder(uri)
             if table_names(uri) is None:
                 return  # a new SQLite file: created on first use
         except SearchError as error:
-            raise SearchError(f"{error}{off}") from None
+            raise SearchError(f"{error}{advice}") from None
     try:
         # One quick try: no retries, a short timeout (read when the request is made).
         # A database store's first use creates its tables: under the lock that ParentRun takes.
@@ -147,9 +147,44 @@ def check_tracking(uri: StoreUrl, experiment: str | None = None) -> None:
         hint = (" Start it (e.g. `mlflow server --backend-store-uri sqlite:///mlflow.db "
                 "--host 127.0.0.1 --port 5000`) or fix the URL." if uri.is_http else "")
         raise SearchError(f"tracking_uri={uri}: cannot reach the MLflow tracking store "
-                          f"({masked(short_reason(error))}).{hint}{off}") from None
+                          f"({masked(short_reason(error))}).{hint}{advice}") from None
     if found is not None:
         _refuse_deleted(found, uri)
+
+
+def _refuse_file_store(uri: StoreUrl, advice: str) -> None:
+    scheme = urlparse(uri.raw).scheme
+    if scheme in ("", "file") or re.fullmatch(r"[A-Za-z]", scheme):  # a path (C:\ on Windows)
+        raise SearchError(
+            f"{uri.key}={uri}: a directory is MLflow's old file store, which MLflow 3 no longer "
+            f"supports. Use a database such as {DEFAULTS['tracking_uri']} (the default) or the "
+            "http:// URL of an `mlflow server`." + advice)
+
+
+def check_existing_tracking(uri: StoreUrl) -> None:
+    """Fails with a `SearchError` unless `uri` is an MLflow store that exists already: for the
+    commands that only read one (`search.predict`, `search.load_model`), which must never create
+    a store. MLflow's client creates and migrates any database it is pointed at, so a typo in
+    `tracking_uri=` would become a new, empty store: it is only made once this check passes.
+    A server must answer; a SQLite file must exist and, like any database, hold MLflow's tables
+    (another program's database is refused, never taken over). Nothing is created or written.
+    """
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    where = f"set {uri.key}= to the store search.run logged to"
+    if uri.is_http:
+        check_tracking(uri, advice=f" Or {where}.")  # one quick request: creates nothing there
+        return
+    _refuse_file_store(uri, f" To read a model, {where}.")
+    database = uri.sqlite_file
+    if database is not None and not database.is_file():
+        default = " (the default)" if uri.is_default else ""
+        raise SearchError(f"{uri.key}={uri}{default}: no such MLflow store ({database} does not "
+                          f"exist); {where}.")
+    tables = set(table_names(uri) or ())
+    if not MLFLOW_TABLES <= tables:
+        held = (f"holds tables that are not MLflow's ({', '.join(sorted(tables)[:4])}, ...)"
+                if tables else "holds no tables")
+        raise SearchError(f"{uri.key}={uri}: not an MLflow store (the database {held}); {where}.")
 
 
 def _refuse_deleted(experiment: Any, uri: StoreUrl) -> None:

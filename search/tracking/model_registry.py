@@ -35,6 +35,7 @@ from search.tracking.mlflow_runs import (
     PARENT_TAG,
     ROLE_TAG,
     ParentRun,
+    check_existing_tracking,
     check_tracking,
     git_commit,
     now_ms,
@@ -197,10 +198,13 @@ def load_logged_model(model_uri: str, tracking: StoreUrl, device: str | torch.de
     (`extra_files/`) is downloaded and loaded as `search.training.classifier.load_classifier`
     loads any saved model, so the card comes back with it.
 
+    Nothing is created on the way: a tracking store that is not there is refused, not made.
+
     Raises:
-        SearchError: the tracking store cannot be reached, the model or version does not exist,
-            or it is not a model of this package.
+        SearchError: the tracking store does not exist or cannot be reached, the model or
+            version does not exist, or it is not a model of this package.
     """
+    check_existing_tracking(tracking)
     # A model is a few small files: a progress bar per download is noise in predict's output.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
