@@ -4,6 +4,9 @@ saved, or the registered `<study_name>-best`)."""
 
 from __future__ import annotations
 
+import sys
+import types
+
 from search.config.command_line import (
     KEY_HELP,
     command_overrides,
@@ -50,6 +53,19 @@ def main(argv: list[str]) -> int:
                                                   for name, probability in prediction.classes))
     return 0
 
+
+class _CommandModule(types.ModuleType):
+    """Importing this command (`import search.predict`, as `python -m` and tests do) binds the
+    name `search.predict` to the module, where the API's `search.predict(model, images)` is a
+    function: called, the module is that function, so both spellings keep working."""
+
+    def __call__(self, *args, **kwargs):
+        from search.api import predict
+
+        return predict(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CommandModule
 
 if __name__ == "__main__":
     run_command(main)

@@ -333,3 +333,17 @@ def test_links_pipes_and_non_images_are_named_with_what_the_model_takes(tmp_path
     for path, fragment in cases.items():
         code, out, err = predict(capsys, f"model={model}", f"images={path}")
         assert code == 2 and out == [] and fragment in err and err.strip().endswith(takes), err
+
+
+def test_search_predict_is_the_api_function_even_once_the_command_is_imported(tmp_path):
+    import search
+    import search.predict  # noqa: F401 - binds the name search.predict to the command module
+
+    model = make_model()
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(pictures / "black.png")
+    [prediction] = search.predict(model, pictures, top_k=2)
+    assert prediction.image == "black.png" and len(prediction.classes) == 2
