@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -357,6 +358,11 @@ def train(model_name: str, params: Mapping[str, Any], *, train_data: ImageSet,
     # fp16's range is narrow: the loss is scaled up so small gradients do not underflow, and a
     # step with inf/NaN gradients is skipped. A disabled scaler is a plain backward and step.
     scaler = torch.amp.GradScaler(device.type, enabled=speed.precision == "fp16")
+    if scaler.is_enabled():
+        # While the scaler finds its scale it skips steps with inf gradients; the schedule still
+        # steps (it counts batches), which PyTorch would warn about once per process.
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` "
+                                r"before `optimizer\.step\(\)`")
     criterion = nn.CrossEntropyLoss(label_smoothing=settings["label_smoothing"])
     result = TrainResult(model=model, parameter_count=count_parameters(model))
     first = 1
