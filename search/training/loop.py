@@ -90,12 +90,18 @@ def _precision(device: torch.device) -> str:
     if value in ("auto", ""):
         return best_precision(device)
     if value in ("1", "true", "on", "yes"):
-        if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
-            return "fp16"
-        return "bf16"
+        return low_precision(device)
     if value in ("0", "false", "off", "no"):
         return "fp32"
     raise SearchError(f"SEARCH_AUTOCAST={value!r}: allowed: auto, on, off, bf16, fp16, fp32.")
+
+
+def low_precision(device: torch.device) -> str:
+    """The 16-bit format for `device` when one is asked for: fp16 on CUDA cards below 8.0 (no
+    bf16 convolutions there), bf16 everywhere else."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        return "fp16"
+    return "bf16"
 
 
 def _switch(name: str, default: bool) -> bool:
@@ -286,12 +292,11 @@ def predict(model: nn.Module, loader: BatchLoader, device: torch.device, *,
 
 def autocast_context(device: torch.device, precision: str | bool | None = None):
     """Autocast in `precision` ("bf16", "fp16"; "fp32" is none). None means the device's default
-    (`Speed.for_device`); True means that default's low precision, or bf16 where it is fp32."""
+    (`Speed.for_device`); True its 16-bit format (`low_precision`), False fp32."""
     if precision is None:
         precision = Speed.for_device(device).precision
     elif precision is True:
-        precision = Speed.for_device(device).precision
-        precision = "bf16" if precision == "fp32" else precision
+        precision = low_precision(device)
     elif precision is False:
         precision = "fp32"
     return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision],
