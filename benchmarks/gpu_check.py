@@ -107,9 +107,12 @@ def cuda_tests(folder: Path, seconds: float) -> dict[str, Any]:
         suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
         counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
         counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-        failed = [f"{case.get('name')}: {(case.find('failure') or case.find('error')).get('message', '')[:300]}"
-                  for case in suite.iter("testcase")
-                  if case.find("failure") is not None or case.find("error") is not None]
+        failed = []
+        for case in suite.iter("testcase"):
+            # (An Element with no children is falsy: compare with None, never `or`.)
+            problem = case.find("failure") if case.find("failure") is not None else case.find("error")
+            if problem is not None:
+                failed.append(f"{case.get('name')}: {problem.get('message', '')[:300]}")
         step |= counts | {"failed_tests": failed}
     return step
 

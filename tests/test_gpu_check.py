@@ -12,9 +12,8 @@ import sys
 import pytest
 from conftest import ROOT, cli_env
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_gpu_check_runs_every_step_and_writes_one_json(tmp_path):
     out = tmp_path / "gpu_check.json"
     env = dict(cli_env(), GPU_CHECK_MODE="cpu", PYTHON=sys.executable)
@@ -34,3 +33,18 @@ def test_gpu_check_runs_every_step_and_writes_one_json(tmp_path):
     assert study["finished"] == 2 and study["trials_per_hour"] > 0
     assert study["precision"] and "None" not in study["precision"]
     assert "written to" in done.stdout and os.path.getsize(out) > 0
+
+
+def test_failed_cuda_tests_are_named_in_the_report(tmp_path, monkeypatch):
+    """A GPU run's failing tests come back by name and message, read from pytest's JUnit XML."""
+    from benchmarks import gpu_check
+
+    (tmp_path / "cuda-tests.xml").write_text(
+        '<testsuites><testsuite name="pytest" errors="0" failures="1" skipped="1" tests="3">'
+        '<testcase name="a"/><testcase name="b"><failure message="boom">trace</failure>'
+        '</testcase><testcase name="c"><skipped message="no GPU"/></testcase>'
+        "</testsuite></testsuites>")
+    monkeypatch.setattr(gpu_check, "_run", lambda *args, **kwargs: {"exit": 1})
+    step = gpu_check.cuda_tests(tmp_path, seconds=5)
+    assert (step["passed"], step["failures"], step["skipped"]) == (1, 1, 1)
+    assert step["failed_tests"] == ["b: boom"]
