@@ -204,7 +204,9 @@ def load_model(model: str | Path, *, device: str = "cpu", tracking_uri: str | No
     Args:
         model: a saved file (`reports/cnn3/models/trial-0007-seed-1.pt`) or an MLflow model URI
             (`models:/cnn3-best/1`, `models:/cnn3-best@champion`, `runs:/<run_id>/model`).
-        device: where to put it (`cpu`, `cuda`, `cuda:1`).
+        device: where to put it (`auto`, `cpu`, `cuda`, `cuda:1`; any other word, or CUDA this
+            machine does not have, is a SearchError). Give the model its images there
+            (`model.device`).
         tracking_uri: the MLflow store of a model URI (default: `$MLFLOW_TRACKING_URI`, else the
             local SQLite store). It must exist: a store that is not there is a `SearchError`
             naming `tracking_uri=`, never created.

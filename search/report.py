@@ -26,6 +26,7 @@ from search.config.settings import whole
 from search.config.urls import writable_folder
 from search.storage.reading import LOCATION_KEYS, open_source
 from search.storage.studies import quiet_optuna
+from search.training.loop import resolve_device
 
 SUMMARY = ("Reads a study from its storage (finished, running or interrupted) and writes "
            "reports/<study_name>/: report.md, a self-contained report.html, trials.csv and the "
@@ -101,6 +102,8 @@ def main(argv: list[str]) -> int:
         return 0
     overrides = command_overrides(argv, "search.report", KEYS)
     options = parse_options(overrides)
+    if "device" in overrides:  # placed on this machine up front, before any study is read
+        resolve_device(overrides["device"])
     quiet_optuna()
     # Open every study and the output folder first, so a typo in the second name, a study with
     # nothing to report or a folder that cannot be written fails before any work (retraining

@@ -47,7 +47,8 @@ def run(config: StudyConfig, overrides: list[str] = ()) -> int:
     if config.dry_run:
         for label, params, report in dry_run(config.model, config.space, data.spec, device):
             print(f"dry run: {label} model ok - {report['parameter_count']:,} parameters, "
-                  f"loss {report['loss']:.3f}  ({format_params(params, limit=99)})")
+                  f"loss {report['loss']:.3f}, {report['precision']}  "
+                  f"({format_params(params, limit=99)})")
         print("dry run: the space works; nothing was written to the storage.")
         return 0
     try:

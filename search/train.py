@@ -27,6 +27,7 @@ from search.config.settings import flag, whole
 from search.config.urls import writable_folder
 from search.storage.reading import LOCATION_KEYS, open_source
 from search.storage.studies import quiet_optuna
+from search.training.loop import resolve_device
 from search.training.classifier import model_file
 from search.training.results import mean_and_std
 
@@ -58,6 +59,8 @@ def main(argv: list[str]) -> int:
     number = whole(0)("trial", overrides["trial"])
     seeds = whole(1, 1000)("seeds", overrides.get("seeds", 1))
     full = flag("full", overrides.get("full", False))
+    if "device" in overrides:  # placed on this machine up front, before any study is read
+        resolve_device(overrides["device"])
     quiet_optuna()
     source = open_source({k: v for k, v in overrides.items() if k in LOCATION_KEYS})
     find_trial(source, number)  # a trial that is not there is refused before any folder or run

@@ -32,8 +32,13 @@ model = search.load_model(uri, tracking_uri=tracking)
 mlflow.set_tracking_uri(tracking)
 exported = mlflow.pytorch.load_model(uri)  # the torch.export graph: no search classes needed
 hits = int((exported(test.images).argmax(1) == test.labels).sum())
+# No device fixed in the graph: it follows its input (the "meta" device stands in for a GPU).
+fixed = [str(n.target) for n in exported.graph.nodes
+         if "device(" in repr((n.args, n.kwargs))]
+on_meta = list(exported.to("meta")(test.images[:3].to("meta")).shape)
 print(json.dumps({"search": score(model, test)[1], "mlflow": hits / len(test),
-                  "type": type(exported).__module__, "card": model.card.as_dict()}))
+                  "type": type(exported).__module__, "card": model.card.as_dict(),
+                  "fixed_devices": fixed, "on_meta": on_meta}))
 """
 
 
@@ -79,6 +84,7 @@ def test_a_registered_model_reproduces_its_test_accuracy_in_a_fresh_process(tmp_
     loaded = json.loads(fresh.stdout.strip().splitlines()[-1])
     assert loaded["search"] == recorded and loaded["mlflow"] == recorded
     assert not loaded["type"].startswith("search")
+    assert loaded["fixed_devices"] == [] and loaded["on_meta"] == [3, 10]  # runs on any device
     assert loaded["card"]["trial_number"] == int(row["trial"]) and loaded["card"]["dataset"] == "fake"
 
     # The MLflow UI shows the registered version (with its tags and source run) and, on the

@@ -72,6 +72,36 @@ def test_a_saved_model_loads_with_its_card_and_identical_outputs(tmp_path):
         loaded(images[:, :1])
 
 
+def fixed_devices(graph: torch.fx.Graph) -> list[str]:
+    """The graph's operations that name a device (`to(cpu)`, an assertion on the input's device):
+    each would pin the exported model to the device it was exported on."""
+    def devices(value) -> list[str]:
+        if isinstance(value, torch.device):
+            return [str(value)]
+        if isinstance(value, (list, tuple)):
+            return [d for item in value for d in devices(item)]
+        if isinstance(value, dict):
+            return [d for item in value.values() for d in devices(item)]
+        return []
+    return [f"{node.target}: {devices((node.args, node.kwargs))}" for node in graph.nodes
+            if devices((node.args, node.kwargs))]
+
+
+def test_the_exported_graph_follows_its_inputs_device():
+    """The MLflow model is this `torch.export` graph (exported as MLflow 3 exports a "pt2"
+    model: a dynamic batch dimension). It used to hold `to(cpu)`, so after `.to("cuda")` it
+    failed on a device mismatch. No GPU here: the graph names no device, and it runs on the
+    "meta" device, where a fixed CPU would fail the same way CUDA did."""
+    model = make_model()
+    example = torch.zeros(2, 3, 32, 32, dtype=torch.uint8)
+    exported = torch.export.export(model, (example,), dynamic_shapes=[{0: torch.export.Dim.AUTO}])
+    assert fixed_devices(exported.graph) == []
+    images = load_split("fake", "data", train=False).images[:5]
+    graph = exported.module()
+    assert torch.equal(graph(images), model(images))  # the same numbers as the model
+    assert graph.to("meta")(images.to("meta")).shape == (5, 10)
+
+
 def test_files_that_are_not_models_are_refused(tmp_path):
     from search.config.errors import SearchError
 

@@ -4,6 +4,7 @@ figures the README promises."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from search.training.loop import Speed, evaluate, make_loader, predict, train
 from search.training.models import build_model
 
 SMALL_AUGMENTED = {**SMALL_PARAMS, "augment": True}
-PLAIN = Speed(channels_last=False, autocast=False)
+PLAIN = Speed(channels_last=False, precision="fp32")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,7 +63,7 @@ def test_fast_training_tracks_the_plain_path(fake_data):
     runs = {name: train("cnn3", SMALL_AUGMENTED, train_data=train_set, val_data=val_set, spec=spec,
                         epochs=2, seed=3, device="cpu", speed=speed).history
             for name, speed in (("plain", PLAIN), ("channels_last", Speed(channels_last=True)),
-                                ("bf16", Speed(channels_last=True, autocast=True)))}
+                                ("bf16", Speed(channels_last=True, precision="bf16")))}
     plain = runs["plain"]
     for epoch, metrics in enumerate(runs["channels_last"]):
         assert metrics.train_loss == pytest.approx(plain[epoch].train_loss, rel=1e-3)
@@ -86,6 +87,61 @@ def test_speed_switches(monkeypatch):
         Speed.for_device("cpu")
     monkeypatch.delenv("SEARCH_COMPILE")
     assert Speed.for_device("cpu").compile == "off"  # never on by default
+
+
+# ----------------------------------------------------------------------------------------------
+# Precision per device: bf16 from compute capability 8.0, fp16 with loss scaling on 7.x
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("capability", "precision"), [
+    ((9, 0), "bf16"), ((8, 0), "bf16"), ((8, 6), "bf16"),    # H100, A100, RTX 30xx
+    ((7, 5), "fp16"), ((7, 0), "fp16"),                      # T4, V100: no bf16 convolutions
+    ((6, 1), "fp32"), ((3, 7), "fp32")])                     # Pascal, Kepler: no tensor cores
+def test_precision_follows_the_compute_capability(monkeypatch, capability, precision):
+    """A T4 (7.5) must not get bf16, which cuDNN runs there as a slow generic convolution."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda device=None: asked.append(device) or capability)
+    monkeypatch.delenv("SEARCH_AUTOCAST", raising=False)
+    speed = Speed.for_device("cuda:1")
+    assert speed.precision == precision and speed.autocast == (precision != "fp32")
+    assert asked == [torch.device("cuda:1")]  # the trial's own card, not card 0
+    monkeypatch.setenv("SEARCH_AUTOCAST", "on")  # forced low precision: never bf16 below 8.0
+    assert Speed.for_device("cuda").precision == ("bf16" if capability >= (8, 0) else "fp16")
+    monkeypatch.setenv("SEARCH_AUTOCAST", "fp32")
+    assert Speed.for_device("cuda").precision == "fp32"
+
+
+def test_fp16_trains_with_a_grad_scaler_and_resumes_it(monkeypatch, fake_data):
+    """fp16 autocast goes with loss scaling (GradScaler), whose scale is part of a checkpoint;
+    bf16 and fp32 use none. Run on the CPU, whose autocast and GradScaler take fp16 too."""
+    scalers, loaded = [], []
+
+    class Recording(torch.amp.GradScaler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            scalers.append(self)
+
+        def load_state_dict(self, state):
+            loaded.append(state)
+            super().load_state_dict(state)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", Recording)
+    train_set = ImageSet(fake_data.train.images[:256], fake_data.train.labels[:256])
+    kwargs = dict(train_data=train_set, val_data=fake_data.val, spec=fake_data.spec, epochs=2,
+                  seed=0, device="cpu")
+    saved = []
+    result = train("cnn3", SMALL_PARAMS, **kwargs, speed=Speed(precision="fp16"),
+                   checkpoint=lambda state: saved.append(state()))
+    assert scalers[-1].is_enabled() and scalers[-1].get_scale() > 0
+    assert all(math.isfinite(m.train_loss) for m in result.history)
+    assert saved[0]["scaler"]["scale"] > 0  # the loss scale travels with the checkpoint
+    resumed = train("cnn3", SMALL_PARAMS, **kwargs, speed=Speed(precision="fp16"),
+                    resume_from=saved[0])
+    assert loaded == [saved[0]["scaler"]] and len(resumed.history) == 2
+    train("cnn3", SMALL_PARAMS, **kwargs, speed=Speed(precision="bf16"))
+    assert not scalers[-1].is_enabled()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,7 +206,7 @@ def test_benchmark_writes_the_promised_json(tmp_path: Path, monkeypatch, capsys)
     assert report["ratio"]["train"] == pytest.approx(
         report["ours"]["train_images_per_second"] / report["baseline"]["train_images_per_second"])
     assert report["baseline"]["workers"] == 0 and report["baseline"]["transforms"] == "torchvision"
-    assert set(report["speed"]) == {"channels_last", "autocast", "compile", "eval_batch_size"}
+    assert set(report["speed"]) == {"channels_last", "precision", "compile", "eval_batch_size"}
     study = report["study"]
     assert study["trials"] == 2 and study["tracking"] is False
     for key in ("wall_seconds", "in_epoch_seconds", "data_prep_seconds", "overhead_seconds_per_trial"):
@@ -161,3 +217,26 @@ def test_benchmark_writes_the_promised_json(tmp_path: Path, monkeypatch, capsys)
     assert report["machine"]["cpu_count"] and report["total_seconds"] > 0
     printed = capsys.readouterr().out
     assert "train images/s" in printed and "ratio" in printed and str(out) in printed
+
+
+def test_search_compile_still_compiles_the_fifth_trial(monkeypatch, fake_data):
+    """SEARCH_COMPILE: each trial's new model used to add graphs to dynamo's cache until its
+    recompile limit (8), after which trial 4 (the fifth) and every later one ran eager without a
+    word. The trainer resets dynamo per trial. Dynamo runs here on the CPU with a counting
+    "eager" backend instead of inductor, whose C++ compilation would cost tens of seconds per
+    trial: what is tested is dynamo's cache, which is the same for every backend."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("eager")
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: real_compile(model, backend=counter))
+    train_set = ImageSet(fake_data.train.images[:128], fake_data.train.labels[:128])
+    val_set = ImageSet(fake_data.val.images[:128], fake_data.val.labels[:128])
+    compiled = []
+    for number in range(5):  # trials 0..4, each with its own model, as a study's are
+        before = counter.frame_count
+        train("cnn3", {**SMALL_PARAMS, "width_1": 8 + 4 * number}, train_data=train_set,
+              val_data=val_set, spec=fake_data.spec, epochs=1, seed=number, device="cpu",
+              speed=Speed(compile="default"))
+        compiled.append(counter.frame_count - before)
+    assert all(frames > 0 for frames in compiled), compiled  # trial 4 too

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import sqlite3
+import weakref
 
 import optuna
 import pytest
@@ -20,6 +22,8 @@ from search.runner.objective import Objective, TrialFailed
 from search.storage.checks import check_storage, open_if_exists
 from search.storage.strategy import make_pruner
 from search.storage.studies import make_storage, open_study
+from search.training import loop as loop_module
+from search.training.loop import Speed
 from search.training.results import repeat_seed, trial_seed
 
 
@@ -165,6 +169,40 @@ def test_out_of_memory_fails_alone_and_the_study_goes_on(storage, monkeypatch, f
     assert study.trials[0].user_attrs["fail_reason"].startswith("out of memory")
 
 
+def test_out_of_memory_frees_the_failed_trials_model_before_the_next_trial(storage, monkeypatch,
+                                                                          fake_data):
+    """A trial runs out of memory in its forward pass; when the next trial starts, nothing holds
+    the failed one's model any more (on a GPU: its memory can be handed back, to this trial and
+    to a neighbour process on the same card). The automatic collector is off during the study,
+    so the model must be freed by the objective's own clean-up, not by luck: before the fix the
+    TrialFailed raised inside the `except` carried the error, its traceback and the training
+    frame as its context, and Optuna's bookkeeping kept them in a reference cycle."""
+    models, alive_at_start = [], []
+    real_build = loop_module.build_model
+
+    def raise_out_of_memory(module, inputs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def build_model(*args, **kwargs):
+        alive_at_start.append([ref() is not None for ref in models])
+        model = real_build(*args, **kwargs)
+        if not models:  # the first trial's model runs out of memory in its first forward pass
+            model.register_forward_pre_hook(raise_out_of_memory)
+        models.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(loop_module, "build_model", build_model)
+    gc.collect()
+    gc.disable()
+    try:
+        study = _run(config_for(storage), fake_data, 2)
+    finally:
+        gc.enable()
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert study.trials[0].user_attrs["fail_reason"].startswith("out of memory")
+    assert alive_at_start == [[], [False]]
+
+
 def test_a_combination_that_cannot_be_built_fails_alone(storage, monkeypatch, capsys, fake_data):
     real_train = objective_module.train
     calls = []
@@ -193,6 +231,23 @@ def test_complete_trial_records_its_facts(storage, fake_data):
         assert key in trial.user_attrs
     assert trial.user_attrs["epochs_run"] == 2
     assert trial.user_attrs["fixed_params"] == {"batch_norm": True}
+    assert trial.user_attrs["precision"] == Speed.for_device("cpu").precision  # bf16 or fp32 here
+
+
+def test_a_trial_records_the_precision_its_device_gets(storage, monkeypatch, fake_data):
+    """The precision is chosen per device (bf16, fp16 with loss scaling, fp32) and recorded with
+    the trial, which the MLflow run carries as its `precision` tag."""
+    seen = []
+    real_train = objective_module.train
+
+    def recording_train(*args, speed, **kwargs):
+        seen.append(speed.precision)
+        return real_train(*args, speed=speed, **kwargs)
+
+    monkeypatch.setattr(objective_module, "train", recording_train)
+    monkeypatch.setenv("SEARCH_AUTOCAST", "fp16")
+    study = _run(config_for(storage, "pruner=none", "epochs=1"), fake_data, 1)
+    assert study.trials[0].user_attrs["precision"] == "fp16" and seen == ["fp16"]
 
 
 def test_every_trial_and_repeat_has_its_own_seed():

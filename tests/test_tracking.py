@@ -113,6 +113,8 @@ def check_study_in_mlflow(client: MlflowClient, study: optuna.Study) -> None:
         assert run.data.tags["state"] == trial.state.name
         assert run.info.status == RUN_STATUS[trial.state.name]
         assert {"device", "torch_version", "study_name"} <= set(run.data.tags)
+        if TrialAttr.PRECISION in trial.user_attrs:  # the arithmetic it trained in (bf16, ...)
+            assert run.data.tags["precision"] == trial.user_attrs[TrialAttr.PRECISION]
         expected = {**trial.params, **trial.user_attrs.get("fixed_params", {}),
                     "model": "cnn3", "dataset": "fake", "epochs": EPOCHS, "seed": 0}
         assert run.data.params == {k: str(v) for k, v in expected.items()}

@@ -12,6 +12,8 @@ from search.training.loop import (
     TrainingDiverged,
     build_optimizer,
     build_schedule,
+    cuda_rng_state,
+    restore_cuda_rng,
     train,
 )
 
@@ -100,9 +102,67 @@ def test_resuming_from_a_checkpoint_continues_as_if_never_stopped(fake_data, par
     train("cnn3", params, **kwargs, checkpoint=after, on_epoch=lambda m: m.epoch == 3)
     saved.seek(0)
     # ... and a new one that resumes from that checkpoint.
-    resumed = train("cnn3", params, **kwargs, resume_from=torch.load(saved, weights_only=False))
+    resumed = train("cnn3", params, **kwargs, resume_from=torch.load(saved, weights_only=True))
     assert [m.epoch for m in resumed.history] == [1, 2, 3, 4]
     for ours, theirs in zip(resumed.history, straight, strict=True):
         assert ours.train_loss == pytest.approx(theirs.train_loss, rel=1e-5)
         assert ours.val_accuracy == theirs.val_accuracy
         assert ours.lr == pytest.approx(theirs.lr)
+
+
+class FakeCudaGenerators:
+    """CUDA's per-device generator states as PyTorch's `torch.cuda` functions see them, on a
+    machine whose process sees `count` GPUs: `set_rng_state` on a device index the process does
+    not have raises IndexError, as the real one does."""
+
+    def __init__(self, monkeypatch, count: int) -> None:
+        self.count, self.states = count, {i: torch.tensor([i], dtype=torch.uint8) for i in range(count)}
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: self.count)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", self.get)
+        monkeypatch.setattr(torch.cuda, "set_rng_state", self.set)
+
+    @staticmethod
+    def _index(device) -> int:
+        device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        return device.index or 0
+
+    def get(self, device="cuda"):
+        return self.states[self._index(device)].clone()
+
+    def set(self, state, device="cuda"):
+        index = self._index(device)
+        if index >= self.count:
+            raise IndexError(f"no CUDA device {index}")
+        self.states[index] = state.clone()
+
+
+def test_a_checkpoint_carries_its_own_gpus_random_state_across_gpu_layouts(monkeypatch):
+    """The main process (4 GPUs visible) trains a trial on cuda:2 and saves a checkpoint; a
+    worker that sees one GPU (cuda:0, CUDA_VISIBLE_DEVICES) resumes it, and the other way
+    round. Only the trial's own device's state is saved, and it goes back onto the device the
+    resuming trial trains on: with get_rng_state_all() the worker raised IndexError (the trial
+    failed for good) and the main process put a worker's state onto GPU 0."""
+    main = FakeCudaGenerators(monkeypatch, count=4)
+    saved = cuda_rng_state(torch.device("cuda:2"))
+    assert torch.equal(saved, torch.tensor([2], dtype=torch.uint8))  # one state: cuda:2's
+    worker = FakeCudaGenerators(monkeypatch, count=1)
+    restore_cuda_rng(saved, torch.device("cuda:0"))
+    assert torch.equal(worker.states[0], saved)
+    main = FakeCudaGenerators(monkeypatch, count=4)
+    restore_cuda_rng(worker.get("cuda:0"), torch.device("cuda:3"))
+    assert [int(main.states[i]) for i in range(4)] == [0, 1, 2, 2]  # cuda:3 only
+    assert cuda_rng_state(torch.device("cpu")) is None
+    restore_cuda_rng([saved] * 4, torch.device("cuda:0"))  # an older per-GPU list: left alone
+
+
+def test_the_trainers_checkpoint_holds_one_cuda_state_of_the_trials_device(monkeypatch, fake_data):
+    """The trainer's own state function, run on the CPU with the CUDA calls faked: what it saves
+    under `cuda_rng` is `cuda_rng_state(device)`, never a list of every GPU's states."""
+    import search.training.loop as loop
+
+    monkeypatch.setattr(loop, "cuda_rng_state", lambda device: ("own state of", str(device)))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("every GPU's state"))
+    saved = []
+    train("cnn3", SMALL_PARAMS, train_data=fake_data.train, val_data=None, spec=fake_data.spec,
+          epochs=2, seed=0, device="cpu", checkpoint=lambda state: saved.append(state()))
+    assert saved[0]["cuda_rng"] == ("own state of", "cpu")

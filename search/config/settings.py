@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from search.config.datasets import DATASETS, DEFAULT_DATA_DIR
+from search.config.devices import device_word
 from search.config.errors import SearchError, shown
 from search.config.params import MODELS, known_params
 from search.config.space import ParamSpec, check_baseline, parse_space
@@ -112,12 +113,6 @@ def gpu_list(key: str, value: Any) -> tuple[int, ...]:
     return ids
 
 
-def device_name(key: str, value: Any) -> str:
-    if not (isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?", value)):
-        raise SearchError(f"{key}={shown(value)}: unknown device; allowed: auto, cpu, cuda, cuda:N.")
-    return value
-
-
 @dataclass(frozen=True)
 class Setting:
     """A key of a study file or an override: its default, its --help line, how it is checked."""
@@ -145,7 +140,7 @@ SETTINGS: dict[str, Setting] = {
     "seed": Setting(0, "seeds the sampler, the validation split and every trial",
                     whole(0, MAX_SEED)),
     "device": Setting("auto", "auto | cpu | cuda | cuda:N (auto: CUDA when present)",
-                      device_name),
+                      device_word),
     "workers": Setting(1, "trial processes run at once against the same storage",
                        whole(1, 4096, what="a whole number of processes")),
     "gpus": Setting(None, "GPUs to place trial processes on, e.g. gpus=[0,1] or gpus=0,1: "

@@ -7,6 +7,7 @@ plugs in as `TrialObserver`s, so this module imports neither mlflow nor optuna-d
 from __future__ import annotations
 
 import contextlib
+import gc
 import signal
 import sqlite3
 import sys
@@ -24,7 +25,7 @@ from search.storage.checkpoints import Checkpoints
 from search.storage.recovery import retry
 from search.storage.trials import TrialAttr
 from search.training.images import SearchData
-from search.training.loop import TrainingDiverged, train
+from search.training.loop import Speed, TrainingDiverged, train
 from search.training.models import model_size
 from search.training.results import EpochMetrics, best_of, trial_seed
 
@@ -170,6 +171,7 @@ class Objective:
             with stop.held():
                 save(state)
 
+        out_of_memory = False
         try:
             # Inside the try, so that a Ctrl-C while sampling still records why the trial failed.
             stop.check()
@@ -177,6 +179,8 @@ class Objective:
             fixed = {k: v for k, v in params.items() if k not in trial.params}
             if fixed:
                 trial.set_user_attr(TrialAttr.FIXED_PARAMS, fixed)
+            speed = Speed.for_device(self.device)
+            trial.set_user_attr(TrialAttr.PRECISION, speed.precision)  # before observers tag it
             for observer in self.observers:
                 observer.trial_started(trial, params)
                 observing.append(observer)
@@ -206,7 +210,7 @@ class Objective:
             result = train(self.config.model, params, train_data=self.data.train,
                            val_data=self.data.val, spec=self.data.spec, epochs=self.config.epochs,
                            seed=seed, device=self.device, on_epoch=on_epoch, resume_from=resume,
-                           checkpoint=checkpoint if save else None)
+                           checkpoint=checkpoint if save else None, speed=speed)
             stop.leave_trial()
             attrs = _summary(history, result.parameter_count, time.perf_counter() - started)
             if resume:
@@ -239,9 +243,12 @@ class Objective:
             requeued = True
             raise
         except Exception as error:  # noqa: BLE001 - one bad sample must never end the study
-            reason = _failure(error, self.device)
+            reason = _failure(error)
+            out_of_memory = is_out_of_memory(error)
             attrs = self._fail(trial, history, reason, started)
-            raise TrialFailed(reason) from None
+            # Raised below, outside this block: raised here, the TrialFailed would carry the
+            # error as its context, and with it the training frames (model, optimizer, data on
+            # the device), which Optuna's bookkeeping keeps alive after the trial.
         finally:
             stop.leave_trial()
             # A trial taken over takes no more writes; the run's end closes its MLflow run.
@@ -250,6 +257,13 @@ class Objective:
             if (self.checkpoints is not None and state != optuna.trial.TrialState.RUNNING
                     and not taken_over and not requeued):
                 self.checkpoints.discard(trial)
+        # Only a failed trial gets here (every other path returned or raised). The error and its
+        # traceback are gone with the `except` block, so the failed training's tensors are
+        # unreferenced: collected (cycles too) and their cached blocks handed back to the GPU,
+        # before the next trial, or a neighbour process on the same GPU, needs them.
+        if out_of_memory:
+            free_device_memory(self.device)
+        raise TrialFailed(reason)
 
     def _fail(self, trial: optuna.Trial, history: list[EpochMetrics], reason: str,
               started: float) -> dict[str, Any]:
@@ -259,7 +273,15 @@ class Objective:
         return attrs
 
 
-def _failure(error: Exception, device: torch.device) -> str:
+def free_device_memory(device: torch.device) -> None:
+    """Collects unreferenced objects (reference cycles included) and, on CUDA, returns the
+    allocator's cached blocks to the driver, so other processes on the GPU can use them."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _failure(error: Exception) -> str:
     """The fail_reason of a trial that raised `error`; expected failures (divergence, running out
     of memory) in a few words, anything else (a sampled combination that cannot be built, a bug)
     with its type, and a warning so that a person notices."""
@@ -267,8 +289,6 @@ def _failure(error: Exception, device: torch.device) -> str:
         return f"diverged: {error}"
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
     if is_out_of_memory(error):
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
         return f"out of memory: {first_line}"
     print(f"warning: a trial failed with {type(error).__name__}: {first_line}; the study goes "
           "on without it.", file=sys.stderr, flush=True)

@@ -20,15 +20,18 @@ from search.training.loop import resolve_device
 from search.training.models import model_size
 
 
-def prepare(config: StudyConfig) -> tuple[torch.device, SearchData]:
+def prepare(config: StudyConfig, *, worker: bool = False) -> tuple[torch.device, SearchData]:
     """Everything that can be checked before anything is written: the device, the data, the
     storage (reachable, writable, and a stored study's config unchanged) and the tracking store.
-    A command refused here leaves no storage file, study or MLflow experiment behind."""
-    if config.gpus is not None and not torch.cuda.is_available():
-        raise SearchError(f"gpus={','.join(map(str, config.gpus))}: CUDA is not available on this "
-                          "machine; leave gpus out (on a CPU, workers=N splits the cores).")
-    device = resolve_device(config.device if config.gpus is None else f"cuda:{config.gpus[0]}")
-    check_workers(config, device)
+    A command refused here leaves no storage file, study or MLflow experiment behind.
+
+    A worker (`worker=True`) skips the count of trial processes: its parent checked it once,
+    seeing every GPU, while the worker sees only its own (`CUDA_VISIBLE_DEVICES`) and would
+    refuse a count its parent accepted.
+    """
+    device = trial_device(config)
+    if not worker:
+        check_workers(config, device)
     data = load_search_data(config.dataset, config.data_dir, val_size=config.val_size,
                             seed=config.seed)
     check_storage(config)  # the URL, and an existing study's config and warm starts
@@ -49,6 +52,23 @@ def prepare(config: StudyConfig) -> tuple[torch.device, SearchData]:
     return device, data
 
 
+def trial_device(config: StudyConfig) -> torch.device:
+    """The device this process trains on: `device=` placed on this machine (refused up front
+    when it names CUDA where there is none, or `cuda:N` beyond the devices this process sees),
+    or with `gpus=` the first GPU listed (the main process's slot), each id checked."""
+    if config.gpus is None:
+        return resolve_device(config.device)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise SearchError(f"gpus={','.join(map(str, config.gpus))}: CUDA is not available on this "
+                          "machine; leave gpus out (on a CPU, workers=N splits the cores).")
+    missing = [g for g in config.gpus if g >= count]
+    if missing:
+        raise SearchError(f"gpus={list(config.gpus)}: this process sees {count} GPU(s) "
+                          f"(ids 0..{count - 1}); there is no GPU {missing[0]}.")
+    return torch.device(f"cuda:{config.gpus[0]}")
+
+
 PROCESSES_PER_CORE = 4   # beyond this, trial processes only take turns on the CPU
 PROCESSES_PER_GPU = 8    # small models: a few processes fill a GPU's idle gaps, more only queue
 
@@ -58,10 +78,6 @@ def check_workers(config: StudyConfig, device: torch.device) -> None:
     would start that many PyTorch processes), before any is started."""
     cores = os.cpu_count() or 1
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-    missing = [g for g in config.gpus or () if g >= gpus]
-    if missing:
-        raise SearchError(f"gpus={list(config.gpus)}: this machine has {gpus} GPU(s) "
-                          f"(ids 0..{gpus - 1}); there is no GPU {missing[0]}.")
     limit = max(PROCESSES_PER_CORE * cores, PROCESSES_PER_GPU * gpus)
     if config.workers > config.n_trials:
         raise SearchError(f"workers={config.workers}: more trial processes than trials "

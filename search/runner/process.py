@@ -92,7 +92,7 @@ class Session:
     @classmethod
     def join(cls, config: StudyConfig) -> Session:
         """A worker's view of the study its main process opened."""
-        return cls.open(config, *prepare(config), main=False)
+        return cls.open(config, *prepare(config, worker=True), main=False)
 
     def describe(self) -> str:
         config, data = self.config, self.data

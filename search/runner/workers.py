@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from search.config.command_line import run_command
+from search.config.errors import SearchError
 from search.config.settings import StudyConfig, load_config
 from search.runner.objective import StopSignal, storage_cause
 from search.runner.process import Session
@@ -38,14 +39,24 @@ WORKER_FLAG = "--worker"
 STOP_GRACE_SECONDS = 60  # how long an interrupted worker may take to mark its trial FAIL
 
 
-def placement(config: StudyConfig) -> list[tuple[dict[str, str], list[str]]]:
+def placement(config: StudyConfig, visible: str | None = None) -> list[tuple[dict[str, str], list[str]]]:
     """Per trial process (0 is the main one): the environment and the extra overrides that put
     it on its GPU slot. With `gpus=[0,1] workers_per_gpu=2` the slots are GPUs 0, 1, 0, 1; a
-    worker sees only its GPU (CUDA_VISIBLE_DEVICES) and trains on cuda:0, which is that GPU."""
+    worker sees only its GPU (CUDA_VISIBLE_DEVICES) and trains on cuda:0, which is that GPU.
+
+    `gpus=` ids are the ones this process sees, as `cuda:N` is: under a `CUDA_VISIBLE_DEVICES`
+    the user already set (`visible`, default: this process's environment), id N is the N-th
+    entry of that list, so `CUDA_VISIBLE_DEVICES=2,3 gpus=0,1` puts the workers on GPUs 2 and 3.
+    """
     if config.gpus is None:
         return [({}, [])] * config.workers
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    listed = [entry.strip() for entry in visible.split(",")] if visible and visible.strip() else None
+    if listed is not None and max(config.gpus) >= len(listed):
+        raise SearchError(f"gpus={list(config.gpus)}: CUDA_VISIBLE_DEVICES={visible} shows "
+                          f"{len(listed)} GPU(s) (ids 0..{len(listed) - 1}).")
     slots = [gpu for _ in range(config.workers_per_gpu) for gpu in config.gpus]
-    return [({"CUDA_VISIBLE_DEVICES": str(gpu)},
+    return [({"CUDA_VISIBLE_DEVICES": listed[gpu] if listed else str(gpu)},
              ["gpus=null", f"workers={config.workers}", "device=cuda:0"]) for gpu in slots]
 
 

@@ -6,7 +6,9 @@ storage, which optuna-dashboard also reads) and named in the trial's user attrib
 `checkpoint`. The retry of a dead trial (`search.storage.recovery`) starts from the checkpoint of the
 trial it repeats. A trial's checkpoints are removed once it ends, and its retry's once that ends.
 At most one is written per `every` seconds, so that a small model's sub-second epochs do not pay
-for writing one each.
+for writing one each. A checkpoint is read with `torch.load(weights_only=True)` only: a file that
+holds anything but tensors and plain data (a pickled callable, say) is not run, and the trial
+trains from the start.
 """
 
 from __future__ import annotations
@@ -58,10 +60,14 @@ class Checkpoints:
             return None
         try:
             with self.store.open_reader(meta["id"]) as reader:
-                return torch.load(io.BytesIO(reader.read()), map_location="cpu",
-                                  weights_only=False)  # our own file, written above
-        except Exception:  # noqa: BLE001 - gone, or on another machine: train from the start
+                # weights_only=True, and never a retry without it: the artifact store is a
+                # folder (or bucket) others can write to, and a pickle may carry code. The
+                # trainer's state is tensors, plain containers, numbers and strings only.
+                state = torch.load(io.BytesIO(reader.read()), map_location="cpu",
+                                   weights_only=True)
+        except Exception:  # noqa: BLE001 - gone, on another machine, or not ours: from the start
             return None
+        return state if isinstance(state, dict) and isinstance(state.get("epoch"), int) else None
 
     def discard(self, trial: optuna.Trial) -> None:
         """Removes the checkpoints of an ended trial and of the trial it retried."""

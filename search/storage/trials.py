@@ -39,6 +39,8 @@ class TrialAttr(_Attr):
     BASELINE = ("baseline", "storage.studies", "index of the study file's baseline it runs")
     WARM_START = ("warm_start", "storage.studies", "'study#trial' its configuration came from")
     SEED = ("seed", "runner.objective", "the training seed (a retry keeps the original's)")
+    PRECISION = ("precision", "runner.objective", "bf16, fp16 or fp32: the arithmetic it trained "
+                 "in on its device (search.training.loop.best_precision)")
     FIXED_PARAMS = ("fixed_params", "runner.objective", "the space's fixed values, which "
                     "Optuna does not store as params")
     CHECKPOINT = ("checkpoint", "storage.checkpoints", "{id, epoch} of its last checkpoint")

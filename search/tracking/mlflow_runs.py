@@ -496,7 +496,7 @@ class ParentRun:
                 "torch_version": torch.__version__, "mlflow.source.name": "search.run"}
         if self.commit:
             tags[GIT_COMMIT_TAG] = self.commit
-        for attr in (TrialAttr.BASELINE, TrialAttr.RETRY_OF):
+        for attr in (TrialAttr.BASELINE, TrialAttr.RETRY_OF, TrialAttr.PRECISION):
             if trial.user_attrs.get(attr) is not None:
                 tags[str(attr)] = str(trial.user_attrs[attr])
         return tags

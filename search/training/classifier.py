@@ -56,12 +56,21 @@ class Classifier(nn.Module):
     def input_shape(self) -> tuple[int, int, int]:
         return self.card.channels, self.card.image_size, self.card.image_size
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's tensors are (give it images there)."""
+        return self.scale.device
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits of `images`, which must be on the model's device. No `.to()` here, not even
+        for the dtype: `torch.export` (the MLflow model) records a conversion with the example
+        input's device as a constant (`to(cpu)`, and an assertion that the input is on the CPU),
+        and the exported graph then fails on a device mismatch after `.to("cuda")`."""
         if images.dim() != 4 or tuple(images.shape[1:]) != self.input_shape:
             raise ValueError(f"expected images of shape (N, {', '.join(map(str, self.input_shape))})"
                              f" (uint8 pixels, channels first), got {tuple(images.shape)}")
-        pixels = images.to(device=self.scale.device, dtype=torch.float32)
-        return self.network(torch.addcmul(self.shift, pixels, self.scale))
+        # uint8 * float32 promotes to float32 inside addcmul (exactly: 0..255 are floats).
+        return self.network(torch.addcmul(self.shift, images, self.scale))
 
 
 def classifier_from_state(card: ModelCard, state_dict: Mapping[str, torch.Tensor]) -> Classifier:
@@ -185,7 +194,7 @@ def class_scores(model: Classifier, images: torch.Tensor, *, batch_size: int = B
     """Logits of uint8 images (N, C, H, W), computed in fp32 batch by batch on the model's
     device; returned on the CPU. No autocast: a model scored twice gives the same numbers."""
     model.eval()
-    return torch.cat([model(images[i:i + batch_size]).float().cpu()
+    return torch.cat([model(images[i:i + batch_size].to(model.device)).float().cpu()
                       for i in range(0, len(images), batch_size)])
 
 

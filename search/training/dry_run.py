@@ -14,7 +14,7 @@ from search.config.errors import SearchError
 from search.config.params import PARAMS, trainer_settings
 from search.config.space import ParamSpec, walk
 from search.training.images import DatasetSpec
-from search.training.loop import build_optimizer
+from search.training.loop import Speed, autocast_context, build_optimizer
 from search.training.models import build_model, count_parameters
 
 
@@ -49,16 +49,22 @@ def check_model(model_name: str, params: dict[str, Any], spec: DatasetSpec,
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         optimizer = build_optimizer(model, params, settings=settings)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        # The precision trials will train in on this device (bf16, fp16 with loss scaling, or
+        # fp32: `Speed.for_device`), so the memory measured is what a trial needs.
+        precision = Speed.for_device(device).precision
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        with autocast_context(device, precision):
             loss = nn.functional.cross_entropy(model(images).float(), labels)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     except SearchError:
         raise
     except RuntimeError as error:
         raise SearchError(f"dry run: the model with {params} cannot train on "
                           f"{spec.name} at batch size {batch_size}: {str(error).splitlines()[0]}") from None
-    report = {"parameter_count": count_parameters(model), "loss": loss.item()}
+    report = {"parameter_count": count_parameters(model), "loss": loss.item(),
+              "precision": precision}
     if device.type == "cuda":
         report["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return report

@@ -4,10 +4,14 @@ objective wires in pruning and logging, and how `search.train` and the report re
 
 Fast paths, each switched on only where it was measured to pay (`Speed`, README "Speed"): data
 stays on the training device (`BatchLoader`); activations are channels_last (oneDNN on CPUs and
-tensor cores on GPUs both prefer NHWC); bf16 autocast runs on CUDA and on CPUs with native bf16
-(AVX512-BF16/AMX); optimizers use their fused kernels; and the loop never synchronises with the
+tensor cores on GPUs both prefer NHWC); autocast runs on CUDA (bf16 or fp16, below) and on
+CPUs with native bf16 (AVX512-BF16/AMX); optimizers use their fused kernels; and the loop never synchronises with the
 host inside an epoch (losses and hits are summed on the device and read once per epoch).
 `torch.compile` (and CUDA graphs through its "reduce-overhead" mode) is off unless asked for.
+
+Precision is chosen per device (`best_precision`): bf16 autocast on GPUs of compute capability
+8.0 and later and on CPUs with native bf16, fp16 autocast with a `GradScaler` on capability 7.x
+(T4, V100: tensor cores for fp16, but no bf16 convolutions in cuDNN), fp32 elsewhere.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from search.config.devices import place
 from search.config.errors import SearchError
 from search.config.params import optimizer_settings, trainer_settings
 from search.training.augment import BatchLoader
@@ -34,6 +40,7 @@ from search.training.results import EpochMetrics, TrainResult
 
 EVAL_BATCH_SIZE = 1024
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class TrainingDiverged(RuntimeError):
@@ -56,6 +63,47 @@ def cpu_has_native_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def best_precision(device: torch.device) -> str:
+    """The fastest arithmetic that trains these models as well as fp32 on `device`.
+
+    - CUDA, compute capability >= 8.0 (A100, H100, RTX 30xx/40xx): bf16, fp32's range with no
+      loss scaling; cuDNN has bf16 convolutions there.
+    - CUDA 7.x (V100, T4, RTX 20xx: the free and common cards): fp16 with loss scaling. cuDNN
+      has no bf16 convolutions below 8.0 (PyTorch falls back to a slow generic convolution,
+      silently), while fp16 runs on the tensor cores (T4: 65 TFLOPS fp16 against 8 fp32).
+    - CUDA below 7.0 (Pascal and older): fp32. No tensor cores; consumer Pascal cards (6.1)
+      compute fp16 at 1/64 of their fp32 rate.
+    - CPU: bf16 where it is native (`cpu_has_native_bf16`), else fp32 (emulated bf16 is slower).
+    """
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        return "bf16" if major >= 8 else "fp16" if major >= 7 else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
+
+
+def _precision(device: torch.device) -> str:
+    """`SEARCH_AUTOCAST`: auto (the device's best), on (low precision even where it is not the
+    best: bf16, or fp16 on a CUDA card below 8.0), off (fp32), or bf16 | fp16 | fp32 named."""
+    value = os.environ.get("SEARCH_AUTOCAST", "auto").strip().lower()
+    if value in PRECISIONS:
+        return value
+    if value in ("auto", ""):
+        return best_precision(device)
+    if value in ("1", "true", "on", "yes"):
+        return low_precision(device)
+    if value in ("0", "false", "off", "no"):
+        return "fp32"
+    raise SearchError(f"SEARCH_AUTOCAST={value!r}: allowed: auto, on, off, bf16, fp16, fp32.")
+
+
+def low_precision(device: torch.device) -> str:
+    """The 16-bit format for `device` when one is asked for: fp16 on CUDA cards below 8.0 (no
+    bf16 convolutions there), bf16 everywhere else."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        return "fp16"
+    return "bf16"
+
+
 def _switch(name: str, default: bool) -> bool:
     """An on/off environment switch: unset or `auto` keeps the measured default."""
     value = os.environ.get(name, "auto").strip().lower()
@@ -74,55 +122,81 @@ class Speed:
 
     Each can be forced with an environment variable, so a study, `search.train` and the
     benchmark all see the same setting without a config key:
-    `SEARCH_CHANNELS_LAST`, `SEARCH_AUTOCAST` (auto | on | off) and `SEARCH_COMPILE`
-    (off | default | reduce-overhead | max-autotune; reduce-overhead adds CUDA graphs).
+    `SEARCH_CHANNELS_LAST`, `SEARCH_AUTOCAST` (auto | on | off | bf16 | fp16 | fp32) and
+    `SEARCH_COMPILE` (off | default | reduce-overhead | max-autotune; reduce-overhead adds CUDA
+    graphs).
 
     Attributes:
         channels_last: NHWC model and batches; faster convolutions, BN and pooling with
             oneDNN on CPUs (1.3-1.5x measured) and with tensor cores on GPUs.
-        autocast: bf16 autocast for forward and loss (no loss scaling needed, unlike fp16).
+        precision: "bf16" or "fp16" autocast for forward and loss, or "fp32" (`best_precision`
+            says which per device). fp16 trains with a `torch.amp.GradScaler` (its narrow range
+            underflows small gradients without loss scaling); bf16 needs none.
         compile: `torch.compile` mode or "off". Off by default: compiling costs tens of
             seconds per trial (every trial builds a new model), which short trials never win back.
         eval_batch_size: Batch of the validation pass. Large on GPUs; small on CPUs, where a
             1024-image batch's activations spill out of the caches (128 measured 2x faster).
 
-    Example:
-        >>> Speed.for_device(torch.device("cuda"))
-        Speed(channels_last=True, autocast=True, compile='off', eval_batch_size=1024)
+    Example (an A100; a T4 gets precision='fp16'):
+        >>> Speed.for_device(torch.device("cuda"))  # doctest: +SKIP
+        Speed(channels_last=True, precision='bf16', compile='off', eval_batch_size=1024)
     """
 
     channels_last: bool = False
-    autocast: bool = False
+    precision: str = "fp32"
     compile: str = "off"
     eval_batch_size: int = EVAL_BATCH_SIZE
 
     def __post_init__(self) -> None:
         if self.compile not in COMPILE_MODES:
             raise SearchError(f"SEARCH_COMPILE={self.compile!r}: allowed: {', '.join(COMPILE_MODES)}.")
+        if self.precision not in PRECISIONS:
+            raise SearchError(f"precision {self.precision!r}: allowed: {', '.join(PRECISIONS)}.")
 
     @classmethod
     def for_device(cls, device: torch.device | str) -> Speed:
         device = torch.device(device)
-        native_bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
         return cls(
             channels_last=_switch("SEARCH_CHANNELS_LAST", device.type in ("cuda", "cpu")),
-            autocast=_switch("SEARCH_AUTOCAST", native_bf16),
+            precision=_precision(device),
             compile=os.environ.get("SEARCH_COMPILE", "off").strip().lower() or "off",
             eval_batch_size=128 if device.type == "cpu" else EVAL_BATCH_SIZE,
         )
+
+    @property
+    def autocast(self) -> bool:
+        """Whether forward and loss run under autocast (bf16 or fp16)."""
+        return self.precision != "fp32"
 
     @property
     def memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` means CUDA when present; asking for CUDA where there is none is a user error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SearchError(f"device={name}: CUDA is not available on this machine; use device=cpu or auto.")
-    return torch.device(name)
+def resolve_device(name: Any, key: str = "device") -> torch.device:
+    """A device word (`search.config.devices`, the one owner of the allowed forms) placed on
+    this machine: `auto` means CUDA when present; a malformed word, CUDA where there is none and
+    `cuda:N` beyond the devices this process sees are a `SearchError` naming `key`."""
+    cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return torch.device(place(key, name, cuda_count))
+
+
+def cuda_rng_state(device: torch.device) -> torch.Tensor | None:
+    """The CUDA generator state of `device` alone, for a checkpoint (None off CUDA).
+
+    One device's state, not `get_rng_state_all()`: a checkpoint of the main process (which sees
+    every GPU) may be resumed by a worker that sees one, and the other way round; the trial's
+    own device is the only state it drew from.
+    """
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def restore_cuda_rng(state: Any, device: torch.device) -> None:
+    """Puts a checkpoint's CUDA generator state back onto the trial's own `device` (whatever
+    index it had where it was saved). A state that is not one tensor (an older checkpoint's
+    per-GPU list) is left alone: its layout may not match this process's GPUs."""
+    if device.type == "cuda" and isinstance(state, torch.Tensor):
+        torch.cuda.set_rng_state(state, device)
 
 
 def build_optimizer(model: nn.Module, params: Mapping[str, Any], *,
@@ -185,15 +259,16 @@ def build_schedule(optimizer: torch.optim.Optimizer, params: Mapping[str, Any], 
 
 
 def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device, *,
-             autocast: bool | None = None) -> tuple[float, float]:
+             autocast: str | bool | None = None) -> tuple[float, float]:
     """Mean loss and accuracy over a loader, with one host synchronisation at the end.
 
-    `autocast` None means the device's default (`Speed.for_device`), as in training.
+    `autocast` is a precision ("bf16", "fp16", "fp32") or None, the device's default
+    (`Speed.for_device`), as in training (see `autocast_context`).
     """
     model.eval()
     loss_sum = torch.zeros((), device=device)
     hits = torch.zeros((), device=device, dtype=torch.long)
-    with torch.inference_mode(), _autocast(device, autocast):
+    with torch.inference_mode(), autocast_context(device, autocast):
         for images, labels in loader:
             logits = model(images)
             loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
@@ -203,11 +278,11 @@ def evaluate(model: nn.Module, loader: BatchLoader, device: torch.device, *,
 
 
 def predict(model: nn.Module, loader: BatchLoader, device: torch.device, *,
-            features: bool = False, autocast: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            features: bool = False, autocast: str | bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted labels (or penultimate features) and true labels, for confusion matrices and t-SNE."""
     model.eval()
     outputs, targets = [], []
-    with torch.inference_mode(), _autocast(device, autocast):
+    with torch.inference_mode(), autocast_context(device, autocast):
         for images, labels in loader:
             out = model.forward_features(images) if features else model(images).argmax(1)
             outputs.append(out.float().cpu())
@@ -215,11 +290,18 @@ def predict(model: nn.Module, loader: BatchLoader, device: torch.device, *,
     return torch.cat(outputs), torch.cat(targets)
 
 
-def _autocast(device: torch.device, enabled: bool | None = None):
-    """bf16 autocast where `Speed.for_device` (or `enabled`) says so; otherwise plain fp32."""
-    if enabled is None:
-        enabled = Speed.for_device(device).autocast
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+def autocast_context(device: torch.device, precision: str | bool | None = None):
+    """Autocast in `precision` ("bf16", "fp16"; "fp32" is none). None means the device's default
+    (`Speed.for_device`); True its 16-bit format (`low_precision`), False fp32."""
+    if precision is None:
+        precision = Speed.for_device(device).precision
+    elif precision is True:
+        precision = low_precision(device)
+    elif precision is False:
+        precision = "fp32"
+    return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision],
+                          enabled=precision != "fp32")
+
 
 
 def make_loader(data: ImageSet, spec: DatasetSpec, device: torch.device, *, batch_size: int,
@@ -256,6 +338,11 @@ def train(model_name: str, params: Mapping[str, Any], *, train_data: ImageSet,
     speed = speed or Speed.for_device(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
+    if speed.compile != "off":
+        # Each trial is a new model: without a reset, dynamo's cache of earlier trials' graphs
+        # reaches its recompile limit after a few trials and every later trial runs eager,
+        # silently. Resetting also frees the CUDA-graph memory pools of the last trial.
+        torch._dynamo.reset()
     torch.manual_seed(seed)
     settings = trainer_settings(params)
     batch_size = settings["batch_size"]
@@ -273,17 +360,28 @@ def train(model_name: str, params: Mapping[str, Any], *, train_data: ImageSet,
         model, mode=None if speed.compile == "default" else speed.compile)
     optimizer = build_optimizer(model, params, settings=settings)
     schedule = build_schedule(optimizer, params, epochs, len(train_loader), settings=settings)
+    # fp16's range is narrow: the loss is scaled up so small gradients do not underflow, and a
+    # step with inf/NaN gradients is skipped. A disabled scaler is a plain backward and step.
+    scaler = torch.amp.GradScaler(device.type, enabled=speed.precision == "fp16")
+    if scaler.is_enabled():
+        # While the scaler finds its scale it skips steps with inf gradients; the schedule still
+        # steps (it counts batches), which PyTorch would warn about once per process.
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` "
+                                r"before `optimizer\.step\(\)`")
     criterion = nn.CrossEntropyLoss(label_smoothing=settings["label_smoothing"])
     result = TrainResult(model=model, parameter_count=count_parameters(model))
     first = 1
     if resume_from is not None:
-        first = _restore(resume_from, model, optimizer, schedule, train_loader, result) + 1
+        first = _restore(resume_from, model, optimizer, schedule, scaler, train_loader, result,
+                         device) + 1
 
     def state() -> dict[str, Any]:
+        # Tensors, plain containers, numbers and strings only: a checkpoint is read back with
+        # torch.load(weights_only=True), which refuses anything else (search.storage.checkpoints).
         return {"epoch": result.history[-1].epoch, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": cuda_rng_state(device),
                 "history": [dataclasses.asdict(m) for m in result.history]}
 
     for epoch in range(first, epochs + 1):
@@ -294,12 +392,13 @@ def train(model_name: str, params: Mapping[str, Any], *, train_data: ImageSet,
         hits = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         for images, labels in train_loader:
-            with _autocast(device, speed.autocast):
+            with autocast_context(device, speed.precision):
                 logits = forward(images)
                 loss = criterion(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             schedule.step()
             loss_sum += loss.detach() * labels.shape[0]
             hits += (logits.detach().argmax(1) == labels).sum()
@@ -308,7 +407,7 @@ def train(model_name: str, params: Mapping[str, Any], *, train_data: ImageSet,
         if not math.isfinite(train_loss):
             raise TrainingDiverged(f"training loss became {train_loss} in epoch {epoch} (lr={lr:g})")
         train_seconds = time.perf_counter() - started
-        val_loss, val_accuracy = (evaluate(forward, val_loader, device, autocast=speed.autocast)
+        val_loss, val_accuracy = (evaluate(forward, val_loader, device, autocast=speed.precision)
                                   if val_loader else (None, None))
         metrics = EpochMetrics(
             epoch=epoch, train_loss=train_loss, train_accuracy=hits.item() / max(seen, 1),
@@ -325,15 +424,16 @@ def train(model_name: str, params: Mapping[str, Any], *, train_data: ImageSet,
 
 
 def _restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
-             schedule: torch.optim.lr_scheduler.LRScheduler, loader: BatchLoader,
-             result: TrainResult) -> int:
+             schedule: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+             loader: BatchLoader, result: TrainResult, device: torch.device) -> int:
     """Puts a checkpoint's state back; returns the last epoch it had trained."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
+    if state.get("scaler") and scaler.is_enabled():
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["torch_rng"])
-    if state.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    restore_cuda_rng(state.get("cuda_rng"), device)
     loader.epoch = state["epoch"]  # the loader draws each epoch's order from (seed, epoch)
     result.history.extend(EpochMetrics(**m) for m in state["history"])
     return state["epoch"]
