@@ -35,8 +35,11 @@ FIXED = """
 def study_config(tmp_path: Path, space: str, n_trials: int = 24) -> StudyConfig:
     """A cnn3 study file with `space` (YAML lines under `space:`), loaded by the real check."""
     file = tmp_path / "known.yaml"
+    searched = {line.split(":")[0].strip() for line in space.splitlines()}
+    fixed = "".join(f"{line}\n" for line in FIXED.splitlines()
+                    if line.strip() and line.split(":")[0].strip() not in searched)
     file.write_text(f"model: cnn3\ndataset: fake\nepochs: 4\nn_trials: {n_trials}\n"
-                    f"sampler: {{name: random}}\npruner: {{name: none}}\nspace:\n{space}{FIXED}"
+                    f"sampler: {{name: random}}\npruner: {{name: none}}\nspace:\n{space}{fixed}"
                     "baselines: []\n")
     return load_config([f"study={file}", f"storage=sqlite:///{tmp_path / 'optuna.db'}",
                         "tracking_uri=none"])
@@ -177,6 +180,25 @@ def test_a_region_that_always_diverges_is_not_widened_into(tmp_path):
     file = tmp_path / FILE
     file.write_text(next_study_yaml(config, steps))
     assert load_config([f"study={file}"]).space[1].high < region.start  # no trial there trained
+
+
+def test_models_over_the_size_budget_are_a_size_limit(tmp_path):
+    config = study_config(tmp_path, "  optimizer: adam\n  lr: 1.0e-3\n"
+                                    "  hidden_1: {type: int, low: 16, high: 1024, log: true}\n")
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(0))
+    for _ in range(24):
+        trial = study.ask()
+        hidden = suggest(trial, config.space)["hidden_1"]
+        if hidden > 500:  # as the objective records a model over max_params: pruned, untrained
+            trial.set_user_attr(TrialAttr.OVER_BUDGET, hidden * 1000)
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            study.tell(trial, 0.8 + hidden / 10_000)
+    steps = next_steps(study, config)
+    [region] = steps.regions
+    assert (region.side, region.kind, region.reasons[0][0]) == ("high", "size", "over max_params")
+    [hidden] = steps.boundaries
+    assert hidden.proposed[1] < region.start and isinstance(hidden.proposed[1], int)
 
 
 def test_the_bounds_never_leave_the_registry(tmp_path):
