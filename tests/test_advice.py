@@ -45,7 +45,8 @@ def study_config(tmp_path: Path, space: str, n_trials: int = 24) -> StudyConfig:
                         "tracking_uri=none"])
 
 
-def run_known(config: StudyConfig, objective, n: int, stored: bool = False) -> optuna.Study:
+def run_known(config: StudyConfig, objective, n: int, stored: bool = False,
+              study: optuna.Study | None = None) -> optuna.Study:
     """`n` trials sampled from the config's space (random, seeded) and told objective(params):
     a number, or a fail_reason string for a trial that failed. In memory unless `stored` (then
     created in the config's storage as search.run creates it)."""
@@ -53,7 +54,7 @@ def run_known(config: StudyConfig, objective, n: int, stored: bool = False) -> o
     if stored:
         study, _, _ = open_study(config)
         study.sampler = sampler
-    else:
+    elif study is None:
         study = optuna.create_study(study_name=config.study_name, direction="maximize",
                                     sampler=sampler)
     for _ in range(n):
@@ -111,6 +112,20 @@ def test_a_range_short_of_the_optimum_is_widened_to_it_and_an_irrelevant_one_fix
     assert [t.user_attrs[TrialAttr.WARM_START].split("#")[0] for t in queued] == ["known"] * 3
     best = max(study.trials, key=lambda t: t.value or -1)
     assert queued[0].system_attrs["fixed_params"]["lr"] == best.params["lr"]
+
+
+def test_few_trials_rising_towards_an_edge_are_flagged_by_their_trend(tmp_path):
+    """8 trials (the real Fashion-MNIST study's lr values): only the best is in the high edge,
+    but accuracy rises with lr all the way to it."""
+    config = study_config(tmp_path, LR_SHORT.replace("1.0e-3", "1.0e-4"))
+    values = iter([1.2e-5, 2.6e-5, 2.7e-5, 3.5e-5, 3.7e-5, 4.0e-5, 6.2e-5, 9.2e-5])
+    study = optuna.create_study(direction="maximize")
+    for lr in values:
+        study.enqueue_trial({"lr": lr, "dropout": 0.25})
+    study = run_known(config, lambda p: lr_peak(p["lr"], optimum=1e-3), 8, study=study)
+    lr = next(b for b in next_steps(study, config).boundaries if b.param == "lr")
+    assert (lr.near_high, len(lr.top)) == (1, 3) and lr.trend > 0.9
+    assert lr.side == "high" and lr.proposed[1] == pytest.approx(1e-3)
 
 
 PER_OPTIMIZER = """

@@ -33,7 +33,8 @@ from search.config.space import ParamSpec
 from search.storage.trials import TrialAttr, params_of
 
 EDGE = 0.2                  # the outer fifth of a range (of its log for a log entry) is its edge
-EDGE_SHARE = 0.6            # ... and the best trials cluster there when this share of them is in it
+EDGE_SHARE = 0.6            # ... and the best trials cluster there when this share of them is in it,
+TREND = 0.6                 # ... or when the best is there and accuracy rises towards it (Spearman)
 MIN_COMPLETE = 8            # fewer complete trials than this: too small to judge
 MIN_PER_DIMENSION = 1.0     # ... or fewer complete trials per searched parameter than this
 SPARSE_PER_DIMENSION = 5.0  # below this per searched parameter, more trials would likely pay
@@ -112,6 +113,7 @@ class Boundary(NamedTuple):
     top: tuple[float, ...]              # values of its best trials, best first
     near_low: int                       # of those, in the low edge
     near_high: int                      # of those, in the high edge
+    trend: float | None                 # Spearman correlation of value and accuracy
     side: str | None                    # "high", "low", "both" or None (not at an edge)
     proposed: tuple[float, float]       # the next study's range (== (low, high): unchanged)
     blocked: str | None                 # why the flagged side is not widened
@@ -263,6 +265,16 @@ def _registry_clamp(param: Param, spec: ParamSpec, value: float, current: float)
     return value
 
 
+def _spearman(pairs: Sequence[tuple[float, float]]) -> float | None:
+    """Rank correlation of (value, accuracy) pairs; None below MIN_GROUP pairs or without spread."""
+    if len(pairs) < MIN_GROUP or min(len({v for v, _ in pairs}), len({a for _, a in pairs})) < 2:
+        return None
+    from scipy.stats import spearmanr
+
+    rho = spearmanr([v for v, _ in pairs], [a for _, a in pairs]).statistic
+    return None if rho != rho else float(rho)
+
+
 class _Point(NamedTuple):
     value: float
     accuracy: float | None              # None: failed
@@ -334,9 +346,11 @@ def _boundary(spec: ParamSpec, group: str | None, group_value: Any, low: float, 
     near_low = sum(u <= EDGE for u in positions)
     near_high = sum(u >= 1 - EDGE for u in positions)
     needed = math.ceil(EDGE_SHARE * len(top))
+    trend = _spearman(trained)
+    rising = {"low": trend is not None and trend <= -TREND, "high": trend is not None and trend >= TREND}
     flags = [side for side, near, best in (("low", near_low, positions[0] <= EDGE if top else False),
                                            ("high", near_high, positions[0] >= 1 - EDGE if top else False))
-             if top and best and near >= needed]
+             if top and best and (near >= needed or rising[side])]
     side = None if not flags else flags[0] if len(flags) == 1 else "both"
     new = {"low": low, "high": high}
     blocked, narrowed_by = [], None
@@ -381,7 +395,7 @@ def _boundary(spec: ParamSpec, group: str | None, group_value: Any, low: float, 
     return Boundary(spec.name, group, group_value, spec.log, low, high,
                     tuple((p.value, p.accuracy) for p in points if p.accuracy is not None),
                     tuple(p.value for p in points if p.failure is not None), top, near_low,
-                    near_high, side, (new["low"], new["high"]), "; ".join(blocked) or None,
+                    near_high, trend, side, (new["low"], new["high"]), "; ".join(blocked) or None,
                     narrowed_by)
 
 

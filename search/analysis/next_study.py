@@ -15,7 +15,14 @@ from typing import Any
 
 import yaml
 
-from search.analysis.advice import Boundary, ChoiceFinding, InfeasibleRegion, NextSteps
+from search.analysis.advice import (
+    EDGE,
+    TREND,
+    Boundary,
+    ChoiceFinding,
+    InfeasibleRegion,
+    NextSteps,
+)
 from search.config.settings import SETTINGS, StudyConfig
 
 FILE = "next-study.yaml"
@@ -48,8 +55,11 @@ def boundary_text(b: Boundary) -> str:
         sides = ("low", "high") if b.side == "both" else (b.side,)
         near = " and ".join(f"{b.near_low if s == 'low' else b.near_high} of the best {len(b.top)} "
                             f"in its {s} edge" for s in sides)
-        parts.append(f"{near} (outer {int(0.2 * 100)}%{' of its log' if b.log else ''}; best at "
+        parts.append(f"{near} (outer {int(EDGE * 100)}%{' of its log' if b.log else ''}; best at "
                      f"{b.top[0]:.3g})")
+        if b.trend is not None and abs(b.trend) >= TREND:
+            parts.append(f"accuracy {'rises' if b.trend > 0 else 'falls'} with {b.param} "
+                         f"(Spearman {b.trend:+.2f} over {len(b.points)} trials)")
     if b.narrowed_by is not None:
         region = b.narrowed_by
         parts.append(f"{region.failed} of {region.total} trials "
