@@ -455,7 +455,10 @@ def _irrelevant(study: optuna.Study, config: StudyConfig, taken: set[str]) -> li
         if (importance is None or importance >= IRRELEVANT or spec.name in taken or spec.when
                 or spec.ranges_by is not None or spec.name not in best.params):
             continue
-        found.append(ChoiceFinding(spec.name, "fix", best.params[spec.name], "does not matter",
+        value = best.params[spec.name]
+        if isinstance(value, float) and spec.contains(_round(value)):
+            value = _round(value)  # 0.358, not 0.35759468318620974
+        found.append(ChoiceFinding(spec.name, "fix", value, "does not matter",
                                    taken=len(complete), complete=len(complete), in_top=0, top=0,
                                    best_value=best.value, importance=importance))
     return found
