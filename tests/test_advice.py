@@ -216,6 +216,15 @@ def test_models_over_the_size_budget_are_a_size_limit(tmp_path):
     assert hidden.proposed[1] < region.start and isinstance(hidden.proposed[1], int)
 
 
+def test_a_password_in_the_storage_url_stays_out_of_the_next_study(tmp_path):
+    config = study_config(tmp_path, LR_SHORT)
+    study = run_known(config, lambda p: lr_peak(p["lr"], optimum=5e-3), 12)
+    secret = load_config([f"study={tmp_path / 'known.yaml'}", "tracking_uri=none",
+                          "storage=postgresql://search:s3cret@127.0.0.1:5432/optuna"])
+    text = next_study_yaml(secret, next_steps(study, secret))
+    assert "s3cret" not in text and "# storage: give storage= on the command line" in text
+
+
 def test_the_bounds_never_leave_the_registry(tmp_path):
     config = study_config(tmp_path, "  optimizer: adam\n  lr: 1.0e-3\n"
                                     "  dropout: {type: float, low: 0.0, high: 0.9}\n")
