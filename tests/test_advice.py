@@ -216,6 +216,23 @@ def test_models_over_the_size_budget_are_a_size_limit(tmp_path):
     assert hidden.proposed[1] < region.start and isinstance(hidden.proposed[1], int)
 
 
+def test_numeric_choices_whose_best_take_the_largest_get_the_next_value(tmp_path):
+    """Batch sizes and widths are categorical in the shipped studies: numeric all the same."""
+    config = study_config(tmp_path, "  optimizer: adam\n  lr: 1.0e-3\n"
+                                    "  width_3: {type: categorical, choices: [16, 32, 64]}\n"
+                                    "  kernel_size_1: {type: categorical, choices: [3, 5, 7]}\n")
+    study = run_known(config, lambda p: 0.5 + p["width_3"] / 100 + p["kernel_size_1"] / 100, 16)
+    findings = next_steps(study, config).choices
+    [width] = [c for c in findings if c.param == "width_3"]
+    assert width[:3] == ("width_3", "add", 128) and width.edge == 64
+    kernel = [c for c in findings if c.param == "kernel_size_1"]
+    assert kernel and "add" not in {c.action for c in kernel}  # 9 is no kernel size the code knows
+    file = tmp_path / FILE
+    file.write_text(next_study_yaml(config, next_steps(study, config)))
+    widths = next(s for s in load_config([f"study={file}"]).space if s.name == "width_3")
+    assert widths.choices == (16, 32, 64, 128)
+
+
 def test_a_password_in_the_storage_url_stays_out_of_the_next_study(tmp_path):
     config = study_config(tmp_path, LR_SHORT)
     study = run_known(config, lambda p: lr_peak(p["lr"], optimum=5e-3), 12)

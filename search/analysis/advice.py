@@ -128,10 +128,10 @@ class ChoiceFinding(NamedTuple):
     """A categorical value to drop, or a parameter to fix at one value."""
 
     param: str
-    action: str                         # "drop" or "fix"
-    choice: Any
+    action: str                         # "drop", "fix" or "add"
+    choice: Any                         # for "add": the new value
     why: str                            # "never among the best", "always among the best",
-                                        # "fails", "does not matter"
+                                        # "fails", "does not matter", "at the edge of its choices"
     taken: int                          # complete trials that took it
     complete: int                       # complete trials with the parameter
     in_top: int                         # best trials that took it
@@ -139,6 +139,7 @@ class ChoiceFinding(NamedTuple):
     best_value: float | None            # the best validation accuracy with it
     failed: int = 0                     # failed trials that took it
     importance: float | None = None     # fANOVA importance, for "does not matter"
+    edge: Any = None                    # for "add": the outermost value the best took
 
 
 class Curve(NamedTuple):
@@ -401,11 +402,46 @@ def _boundary(spec: ParamSpec, group: str | None, group_value: Any, low: float, 
 
 # ---------------------------------------------------------------- categorical choices
 
+def _beyond(spec: ParamSpec, edge: Any, side: str) -> Any | None:
+    """The next value past a numeric choice list's `edge` on `side` (the same ratio as between
+    its two outermost values, or the same step), if the registry allows it."""
+    ordered = sorted(spec.choices)
+    a, b = (ordered[-2], ordered[-1]) if side == "high" else (ordered[1], ordered[0])
+    if a > 0 and b > 0:
+        value = b * (b / a)
+    else:
+        value = b + (b - a)
+    value = int(round(value)) if all(isinstance(c, int) for c in spec.choices) else _round(value)
+    return value if value != edge and PARAMS[spec.name].problem(value) is None else None
+
+
+def _numeric_edge(spec: ParamSpec, complete: Sequence[FrozenTrial], top: Sequence[FrozenTrial]
+                  ) -> ChoiceFinding | None:
+    """A numeric choice list (batch sizes, widths) whose best trials sit on its largest or
+    smallest value, as a range's would at its edge: add the next value past it."""
+    numbers = [c for c in spec.choices if isinstance(c, (int, float)) and not isinstance(c, bool)]
+    if len(numbers) != len(spec.choices) or len(numbers) < 3 or len(top) < 3:
+        return None
+    for side, edge in (("high", max(numbers)), ("low", min(numbers))):
+        in_top = sum(t.params[spec.name] == edge for t in top)
+        if top[0].params[spec.name] == edge and in_top >= math.ceil(EDGE_SHARE * len(top)):
+            new = _beyond(spec, edge, side)
+            if new is not None:
+                taken = sum(t.params[spec.name] == edge for t in complete)
+                return ChoiceFinding(spec.name, "add", new, "at the edge of its choices",
+                                     taken=taken, complete=len(complete), in_top=in_top,
+                                     top=len(top), best_value=top[0].value, edge=edge)
+    return None
+
+
 def _choice_findings(study: optuna.Study, spec: ParamSpec) -> list[ChoiceFinding]:
     complete = sorted((t for t in complete_trials(study) if spec.name in t.params),
                       key=lambda t: (-t.value, t.number))
     tried = [t for t in study.get_trials(deepcopy=False) if spec.name in t.params]
     top = complete[:top_count(len(complete))]
+    edge = _numeric_edge(spec, complete, top)
+    if edge is not None:
+        return [edge]
     findings = []
     cut = top[-1].value if top else None
     for choice in spec.choices:

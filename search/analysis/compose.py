@@ -343,6 +343,7 @@ def _finding_rows(steps: advice.NextSteps, config: StudyConfig) -> list[tuple[st
         text = next_study.choice_text(c)
         action, _, evidence = text.partition(": ")
         finding = {"does not matter": "does not matter", "fails": "a choice that fails",
+                   "at the edge of its choices": "best trials at the edge of its choices",
                    "never among the best": "a choice never among the best",
                    "always among the best": "a choice always among the best"}[c.why]
         rows.append((f"{c.param}: {finding}", evidence, action))

@@ -73,6 +73,10 @@ def boundary_text(b: Boundary) -> str:
 
 
 def choice_text(c: ChoiceFinding) -> str:
+    if c.action == "add":
+        return (f"add {c.choice}: {c.in_top} of the best {c.top} took {c.edge}, the "
+                f"{'largest' if c.choice > c.edge else 'smallest'} choice ({c.taken} of "
+                f"{c.complete} complete trials did)")
     if c.why == "fails":
         return f"drop {c.choice}: {c.failed} of its {c.failed + c.taken} trials failed"
     if c.why == "does not matter":
@@ -153,6 +157,8 @@ def _apply_boundary(entry: dict[str, Any], b: Boundary) -> None:
 def _apply_choice(space: dict[str, Any], c: ChoiceFinding) -> None:
     if c.action == "fix":
         space[c.param] = c.choice
+    elif c.action == "add" and isinstance(space.get(c.param), dict):
+        space[c.param]["choices"] = sorted([*space[c.param]["choices"], c.choice])
     elif isinstance(space.get(c.param), dict):
         space[c.param]["choices"] = [x for x in space[c.param]["choices"]
                                      if not (x == c.choice and type(x) is type(c.choice))]
