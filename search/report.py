@@ -30,7 +30,8 @@ from search.training.loop import resolve_device
 
 SUMMARY = ("Reads a study from its storage (finished, running or interrupted) and writes "
            "reports/<study_name>/: report.md, a self-contained report.html, trials.csv and the "
-           "figures as PNG. retrain=topN also retrains the N best configurations and the baseline "
+           "figures as PNG, opening with what to do next (ranges, choices, curves, samples) and "
+           "next-study.yaml, the next study written with its reasons. retrain=topN also retrains the N best configurations and the baseline "
            "on train + validation and evaluates them once on the test set. Several studies "
            "(study=cnn3,resnet20) are also compared side by side.")
 KEYS = {
@@ -120,6 +121,9 @@ def main(argv: list[str]) -> int:
         reports.append(report)
         print(f"Report of study '{source.study.study_name}': {report.markdown} and {report.html} "
               f"({len(report.figures)} figures, trials.csv)")
+        if report.next_study is not None:
+            print(f"Next study, with the report's reasons: python -m search.run "
+                  f"study={report.next_study}")
         if report.evaluation is not None:
             print(f"Final models: {report.folder / 'models'}/")
             registered = register_best(report, models)

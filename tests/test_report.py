@@ -145,6 +145,14 @@ def test_trials_csv_has_one_row_per_trial_with_its_state(built: Built) -> None:
 
 # ---------------------------------------------------------------- contents
 
+def test_a_study_too_small_to_judge_says_so_first_and_writes_no_next_study(built: Built) -> None:
+    section = _section(built.markdown, "## What to do next")
+    assert built.markdown.index("## What to do next") < built.markdown.index("## Summary")
+    assert "**Too small to judge:**" in section and "complete trial(s) for" in section
+    assert "n_trials=" in section and "|" not in section  # no finding guessed from 4 trials
+    assert not (built.folder / "next-study.yaml").exists()
+
+
 def test_summary_counts_trials_and_what_pruning_saved(built: Built) -> None:
     trials = built.study.trials
     count = lambda state: sum(t.state == state for t in trials)  # noqa: E731

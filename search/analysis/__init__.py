@@ -3,7 +3,9 @@
 Data apart from drawing: `data` computes tables and curves from a study (pandas frames and
 NamedTuples), `figures` draws them, `final` presents the final evaluation on the test set (the
 retraining itself is `search.analysis.final_models`'s), `render` writes Markdown and self-contained HTML,
-`compose` puts one study's report together, `compare` sets several studies side by side.
+`advice` reads what to do next (ranges at an edge, failing regions, choices, curves, samples) and
+`next_study` writes it as the next study file, `compose` puts one study's report together,
+`compare` sets several studies side by side.
 Nothing outside this package imports it.
 
 Example:

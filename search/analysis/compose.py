@@ -11,7 +11,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial
 
-from search.analysis import figures, final_tables, tables
+from search.analysis import advice, figures, final_tables, next_study, tables
 from search.analysis.final_models import (
     FinalEvaluation,
     FinalResult,
@@ -30,7 +30,7 @@ from search.analysis.render import (
     to_markdown,
 )
 from search.config.errors import SearchError, first_line
-from search.config.settings import StudyConfig, to_yaml
+from search.config.settings import StudyConfig, load_config, to_yaml
 from search.storage.reading import StudySource, location_args, retrain_command
 from search.storage.trials import TrialAttr
 from search.training.images import DATASETS
@@ -60,6 +60,7 @@ class StudyReport(NamedTuple):
     best: FrozenTrial | None
     evaluation: FinalEvaluation | None
     figures: tuple[str, ...]
+    next_study: Path | None = None              # the study file the findings wrote, if any
 
     @property
     def markdown(self) -> Path:
@@ -321,6 +322,129 @@ def _final_blocks(study, config: StudyConfig, options: ReportOptions, drawer: _F
     return blocks, evaluation
 
 
+# ---------------------------------------------------------------- what to do next
+
+def _finding_rows(steps: advice.NextSteps, config: StudyConfig) -> list[tuple[str, str, str]]:
+    """(finding, evidence, what the next study does) for every finding."""
+    rows = []
+    for b in steps.boundaries:
+        if b.side or b.changed or b.blocked:
+            finding = next_study.where(b) + (f": best trials at the {b.side} edge" if b.side
+                                             else ": range cut back")
+            change, _, evidence = next_study.boundary_text(b).partition(": ")
+            rows.append((finding, evidence + f"; top values {', '.join(f'{v:.3g}' for v in b.top)}",
+                         change))
+    for region in steps.regions:
+        rows.append((f"{next_study.where(region)}: "
+                     f"{'stability' if region.kind == 'stability' else 'size'} limit",
+                     next_study.region_text(region).split(": ", 1)[1],
+                     "not widened into it; the range ends before it"))
+    for c in steps.choices:
+        text = next_study.choice_text(c)
+        action, _, evidence = text.partition(": ")
+        finding = {"does not matter": "does not matter", "fails": "a choice that fails",
+                   "at the edge of its choices": "best trials at the edge of its choices",
+                   "never among the best": "a choice never among the best",
+                   "always among the best": "a choice always among the best"}[c.why]
+        rows.append((f"{c.param}: {finding}", evidence, action))
+    judged = [c for c in steps.curves if c.verdict != "too short to judge"]
+    for curve in judged:
+        rows.append((f"trial {curve.number} ({curve.value:.4f}): {curve.verdict}", curve.evidence,
+                     _curve_advice(curve.verdict)))
+    if len(judged) < len(steps.curves):
+        short = [c for c in steps.curves if c not in judged]
+        rows.append((f"training curves of trial(s) {', '.join(str(c.number) for c in short)}: "
+                     "not judged", short[0].evidence, ""))
+    if steps.epochs is not None:
+        rows.append(("epoch budget", steps.epochs.reason,
+                     f"epochs {steps.epochs.current} -> {steps.epochs.proposed}"))
+    s = steps.samples
+    rise = (f"best {s.best:.4f}; {s.tail_gain:+.4f} over the last {s.tail_trials} finished trials"
+            if s.best is not None and s.best_before_tail is not None else "no earlier best")
+    rows.append(("samples" + (": more trials would likely pay" if s.more_trials else ""),
+                 f"{s.complete} complete trials for {s.dimensions} searched parameters "
+                 f"({s.per_dimension:.1f} each); {rise}",
+                 f"n_trials {config.n_trials} -> {steps.n_trials}" if steps.n_trials != config.n_trials
+                 else f"n_trials {config.n_trials} kept"))
+    return rows
+
+
+CURVE_ADVICE = {
+    "still improving": "train longer",
+    "overfitting": "regularise: more weight_decay, dropout or augmentation",
+    "saturated early": "train shorter",
+    "noisy late": "a smaller late learning rate (a decaying schedule), a bigger batch, or more "
+                  "validation data",
+    "settled": "the budget fits",
+    "too short to judge": "",
+}
+
+
+def _curve_advice(verdict: str) -> str:
+    return CURVE_ADVICE[verdict]
+
+
+def _next_blocks(study, config: StudyConfig, drawer: _Figures, log: Callable[[str], None]) -> tuple[list[Block], Path | None]:
+    """The "What to do next" section, and the next study's file when the study could be judged."""
+    blocks: list[Block] = [Heading("What to do next")]
+    steps = advice.next_steps(study, config)
+    path = drawer.folder / next_study.FILE
+    if steps.too_small:
+        path.unlink(missing_ok=True)  # an older report's advice no longer holds
+        return blocks + [Text(
+            f"**Too small to judge:** {steps.too_small}. No advice about ranges, choices or "
+            "training curves is given from so few trials. Resume this study with more: "
+            f"`python -m search.run {location_args(config)} n_trials={steps.n_trials}`.")], None
+    path.write_text(next_study.next_study_yaml(config, steps, str(path)), encoding="utf-8")
+    checked = ""
+    try:
+        load_config([f"study={path}"])
+    except SearchError as error:
+        log(f"warning: {path} does not load: {first_line(error)}")
+        checked = f" **It does not load** ({first_line(error)}); edit it before running it."
+    blocks.append(Text(
+        "The checks an experienced researcher makes after a study (Google's *Deep Learning "
+        f"Tuning Playbook*), read from its {steps.samples.complete} complete trials: best trials "
+        "at the edge of a range (in log space for a log range, per optimizer for a range per "
+        "optimizer), regions where trials fail, choices never or always among the best, "
+        "parameters that do not matter, the best trials' training curves, and whether more "
+        f"trials would pay. The next study is written with each change and its reason: "
+        f"`python -m search.run study={path}` (it warm-starts from this study's best "
+        f"configurations).{checked}"))
+    rows = _finding_rows(steps, config)
+    blocks.append(Table(pd.DataFrame(rows, columns=["finding", "evidence", "next study"])))
+    inside = [next_study.where(b) for b in steps.boundaries if not (b.side or b.changed)]
+    if inside:
+        blocks.append(Text(f"No edge: {', '.join(inside)} (the best trials lie inside the range)."))
+    if steps.skipped:
+        blocks.append(Text("Not judged: " + "; ".join(steps.skipped) + "."))
+    fixed = {c.param for c in steps.choices if c.why == "does not matter"}
+    shown = [b for b in steps.boundaries if b.side or b.changed or b.param in fixed]
+    if shown:
+        drawer.add(blocks, "next_ranges.png",
+                   "Slice plots of the ranges with a finding: each complete trial's value against "
+                   "its validation accuracy (best trials ringed, failed ones as red crosses), the "
+                   "range's bounds (solid), its outer fifth (grey), the next study's bounds "
+                   "(dashed) and a region that fails (red)",
+                   lambda: figures.draw_boundaries(shown))
+    named = {c.param for c in steps.choices}
+    effects = [e for e in tables.categorical_effects(study, config) if e.param in named]
+    if effects:
+        drawer.add(blocks, "next_choices.png",
+                   "Validation accuracy per value of the categorical parameters with a finding",
+                   lambda: figures.draw_categorical_effects(effects))
+    if steps.curves:
+        drawer.add(blocks, "next_curves.png",
+                   f"Training curves of the best {len(steps.curves)} trials, each titled with "
+                   "how it reads", lambda: figures.draw_best_curves(steps.curves))
+    cost = tables.cost_to_best(study)
+    if cost is not None:
+        drawer.add(blocks, "next_progress.png",
+                   "Best validation accuracy so far against trials ended; the last part of the "
+                   "study shaded", lambda: figures.draw_progress(cost, steps.samples))
+    return blocks, path
+
+
 # ---------------------------------------------------------------- the whole report
 
 def check_reportable(source: StudySource) -> tables.Summary:
@@ -369,6 +493,8 @@ def write_report(source: StudySource, options: ReportOptions, *,
     if not source.config_from_storage:
         blocks.append(Text("**Note:** this study stored no config; it is read with today's study "
                            f"file `{config.study}`, which may differ from the one it ran with."))
+    next_blocks, next_file = _next_blocks(study, config, drawer, log)
+    blocks += next_blocks
     blocks += _summary_blocks(summary, config)
     blocks += _top_blocks(study, config, options)
     blocks += _figure_blocks(study, config, drawer)
@@ -387,4 +513,4 @@ def write_report(source: StudySource, options: ReportOptions, *,
     (folder / "report.md").write_text(to_markdown(blocks), encoding="utf-8")
     title = f"{study.study_name}: {config.model} on {config.dataset}"
     (folder / "report.html").write_text(to_html(blocks, title, folder), encoding="utf-8")
-    return StudyReport(folder, config, summary, best, evaluation, tuple(drawer.written))
+    return StudyReport(folder, config, summary, best, evaluation, tuple(drawer.written), next_file)

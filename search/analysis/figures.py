@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from search.analysis.advice import Boundary, Curve, Samples  # noqa: E402
 from search.analysis.render import time_unit  # noqa: E402
 from search.analysis.tables import (  # noqa: E402
     CategoricalEffect,
@@ -227,4 +228,101 @@ def draw_comparison(names: Sequence[str], val: Sequence[float | None],
     axes.set(ylabel="accuracy", title="Studies compared")
     axes.legend(fontsize="small", loc="lower right")
     axes.grid(alpha=0.3, axis="y")
+    return figure
+
+
+# ---------------------------------------------------------------- what to do next
+
+def draw_boundaries(boundaries: Sequence[Boundary]) -> Figure:
+    """A slice plot per range with a finding: every complete trial's value against its
+    validation accuracy, the best trials ringed, failed trials as crosses along the bottom, the
+    range's edges shaded, the current bounds as solid lines and the next study's as dashed."""
+    columns = min(3, len(boundaries))
+    rows = math.ceil(len(boundaries) / columns)
+    figure, grid = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.6 * rows), squeeze=False)
+    for axes, b in zip(grid.flat, boundaries):
+        values = [v for v, _ in b.points]
+        accuracy = [a for _, a in b.points]
+        axes.plot(values, accuracy, "o", color="tab:blue", alpha=0.6, markersize=4,
+                  label="complete trials")
+        best = [(v, a) for v, a in b.points if v in b.top]
+        axes.plot([v for v, _ in best], [a for _, a in best], "o", markerfacecolor="none",
+                  markeredgecolor="tab:green", markersize=9, label=f"best {len(b.top)}")
+        if b.failed:
+            floor = min(accuracy) if accuracy else 0.0
+            axes.plot(b.failed, [floor] * len(b.failed), "x", color="tab:red",
+                      label="failed / over budget")
+        if b.log:
+            axes.set_xscale("log")
+            span = math.log(b.high / b.low) if b.high > b.low else 0
+            edges = (b.low * math.exp(0.2 * span), b.high * math.exp(-0.2 * span))
+        else:
+            edges = (b.low + 0.2 * (b.high - b.low), b.high - 0.2 * (b.high - b.low))
+        axes.axvspan(b.low, edges[0], color="tab:gray", alpha=0.12)
+        axes.axvspan(edges[1], b.high, color="tab:gray", alpha=0.12, label="edges (outer 20%)")
+        for bound in (b.low, b.high):
+            axes.axvline(bound, color="black", linewidth=1.2)
+        moved = [bound for bound, old in zip(b.proposed, (b.low, b.high)) if bound != old]
+        for index, bound in enumerate(moved):
+            axes.axvline(bound, color="tab:purple", linestyle="--", linewidth=1.5,
+                         label="next study's bounds" if index == 0 else None)
+        if b.narrowed_by is not None:
+            region = b.narrowed_by
+            start, end = ((region.start, b.high) if region.side == "high" else (b.low, region.start))
+            axes.axvspan(start, end, color="tab:red", alpha=0.12, label="fails here")
+        axes.set_title(b.param + (f" ({b.group})" if b.group else "")
+                       + (f": {b.side} edge" if b.side else ""), fontsize="medium")
+        axes.set_xlabel(b.param)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="x-small", loc="best")
+    for axes in grid.flat[len(boundaries):]:
+        axes.set_visible(False)
+    for axes in grid[:, 0]:
+        axes.set_ylabel("validation accuracy")
+    figure.tight_layout()
+    return figure
+
+
+def draw_best_curves(curves: Sequence[Curve]) -> Figure:
+    """The best trials' validation accuracy (left axis) and training and validation loss (right
+    axis) per epoch, each titled with how its curve reads."""
+    figure, grid = plt.subplots(1, len(curves), figsize=(4.6 * len(curves), 3.6), squeeze=False)
+    for axes, curve in zip(grid.flat, curves):
+        axes.plot(curve.epochs, curve.val_accuracy, "o-", color="tab:blue",
+                  label="validation accuracy")
+        axes.set_ylabel("validation accuracy")
+        axes.set_xlabel("epoch")
+        axes.xaxis.get_major_locator().set_params(integer=True)
+        if any(v is not None for v in curve.val_loss):
+            loss = axes.twinx()
+            nan = lambda values: [math.nan if v is None else v for v in values]  # noqa: E731
+            loss.plot(curve.epochs, nan(curve.train_loss), "--", color="tab:orange",
+                      label="training loss")
+            loss.plot(curve.epochs, nan(curve.val_loss), "--", color="tab:red",
+                      label="validation loss")
+            loss.set_ylabel("loss")
+            loss.legend(fontsize="x-small", loc="upper right")
+        axes.set_title(f"trial {curve.number}: {curve.verdict}", fontsize="medium")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="x-small", loc="lower right")
+    figure.tight_layout()
+    return figure
+
+
+def draw_progress(cost: CostToBest, samples: Samples) -> Figure:
+    """Best validation accuracy so far against trials ended, the last part of the study shaded:
+    whether the best was still moving when the study stopped."""
+    figure, axes = plt.subplots(figsize=(7, 3.6))
+    counts = np.arange(1, len(cost.numbers) + 1)
+    best = [math.nan if v is None else v for v in cost.best_so_far]
+    axes.step(counts, best, where="post", color="tab:blue", marker=".")
+    tail = samples.tail_trials
+    if tail:
+        axes.axvspan(len(counts) - tail + 0.5, len(counts) + 0.5, color="tab:orange", alpha=0.15,
+                     label=f"last {tail} trials: {samples.tail_gain:+.4f}")
+        axes.legend(fontsize="small", loc="lower right")
+    axes.set(xlabel="trials ended", ylabel="best validation accuracy so far",
+             title=f"{samples.complete} complete trials, {samples.dimensions} searched parameters")
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.grid(alpha=0.3)
     return figure
