@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from conftest import ROOT
 
 from search.config.errors import SearchError
 from search.config.settings import (
@@ -139,3 +140,15 @@ def test_a_key_given_twice_is_refused_naming_both_words():
     with pytest.raises(SearchError, match="'sampler.name' is given twice"):  # a shorthand too
         load_config(["study=cnn3", "sampler=random", "sampler.name=tpe"])
     assert load_config(["study=cnn3", "space.dropout.low=0.0", "space.dropout.high=0.3"]).space
+
+
+def test_a_study_given_as_a_path_is_found_again_by_the_commands_printed_for_it(tmp_path):
+    path = tmp_path / "reports" / "x" / "next-study.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text((ROOT / "studies" / "cnn3.yaml").read_text())
+    config = load_config([f"study={path}", "dataset=fake"])
+    assert config.study_name == "next-study" and config.study == str(path)
+    assert config.location_args() == f"study={path}"
+    assert config.location_args(storage=True) == f"study={path} storage={config.storage}"
+    named = load_config(["study=cnn3", "study_name=cnn3-lr", "storage=sqlite:///x.db"])
+    assert named.location_args() == "study=cnn3 storage=sqlite:///x.db study_name=cnn3-lr"

@@ -31,7 +31,7 @@ from search.analysis.render import (
 )
 from search.config.errors import SearchError, first_line
 from search.config.settings import StudyConfig, load_config, to_yaml
-from search.storage.reading import StudySource, location_args, retrain_command
+from search.storage.reading import StudySource, retrain_command
 from search.storage.trials import TrialAttr
 from search.training.images import DATASETS
 from search.training.loop import resolve_device
@@ -394,7 +394,7 @@ def _next_blocks(study, config: StudyConfig, drawer: _Figures, log: Callable[[st
         return blocks + [Text(
             f"**Too small to judge:** {steps.too_small}. No advice about ranges, choices or "
             "training curves is given from so few trials. Resume this study with more: "
-            f"`python -m search.run {location_args(config)} n_trials={steps.n_trials}`.")], None
+            f"`python -m search.run {config.location_args()} n_trials={steps.n_trials}`.")], None
     path.write_text(next_study.next_study_yaml(config, steps, str(path)), encoding="utf-8")
     checked = ""
     try:
@@ -459,7 +459,7 @@ def check_reportable(source: StudySource) -> tables.Summary:
         counts = ", ".join(f"{n} {s}" for s, n in summary.counts.items()) or "no trials"
         raise SearchError(f"study '{study.study_name}' in {config.storage} has no finished trial yet "
                           f"({counts}); a report needs at least one complete or pruned trial. "
-                          f"Run or resume it: python -m search.run {location_args(config)}")
+                          f"Run or resume it: python -m search.run {config.location_args()}")
     return summary
 
 
@@ -502,7 +502,7 @@ def write_report(source: StudySource, options: ReportOptions, *,
     blocks += final_blocks
     best = study.best_trial if summary.best_trial is not None else None
     blocks += [Heading("Reproduce"), Code("\n".join(filter(None, [
-        f"python -m search.report {location_args(config)} retrain=top3    # this report, tested",
+        f"python -m search.report {config.location_args()} retrain=top3    # this report, tested",
         retrain_command(config, best.number) + "    # the best trial again" if best else "",
         retrain_command(config, best.number, full=True) + "    # ... on train+val, tested"
         if best else "",

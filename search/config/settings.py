@@ -243,6 +243,17 @@ class StudyConfig:
     skipped_baselines: tuple[str, ...] = ()
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
+    def location_args(self, *, storage: bool = False) -> str:
+        """`study=... [storage=...] [study_name=...]`: the words that find this study again, for
+        the commands a run or a report prints (the storage always with `storage`, else only
+        where it is not the default; the study file as given, a path included)."""
+        words = [f"study={self.study}"]
+        if storage or not self.storage.is_default:
+            words.append(f"storage={self.storage}")
+        if self.study_name != Path(self.study).stem:
+            words.append(f"study_name={self.study_name}")
+        return " ".join(words)
+
     @property
     def tracking_enabled(self) -> bool:
         return not self.tracking_uri.is_off
@@ -415,7 +426,9 @@ def resolve_tree(overrides: list[tuple[str, Any]], default_study: str | None = N
         raise SearchError(f"{path}: unknown key '{unknown[0]}'; allowed: {', '.join(SETTINGS)}.")
     try:
         tree = OmegaConf.merge(OmegaConf.create(defaults()), from_file)
-        tree.study = path.stem
+        # The study as given: a name under studies/, or a path to a file (kept whole, so that the
+        # commands printed for it find it again); its name in the storage is the file's stem.
+        tree.study = str(name) if str(name).endswith((".yaml", ".yml")) else path.stem
         plain = OmegaConf.to_container(tree, resolve=True)
     except OmegaConfBaseException as error:
         raise SearchError(f"{path}: cannot be read ({str(error).splitlines()[0]}).") from None
@@ -461,7 +474,7 @@ def build_config(tree: dict[str, Any]) -> StudyConfig:
                           f"epochs={values['epochs']}.")
     space = parse_space(tree["space"], values["model"])
     baselines, skipped = _check_baselines(tree["baselines"], space)
-    values["study_name"] = values["study_name"] or tree["study"]
+    values["study_name"] = values["study_name"] or Path(tree["study"]).stem
     # URLs with credentials can stay out of the command line (and shell history).
     values["storage"] = store_url("storage", values["storage"])
     values["tracking_uri"] = store_url("tracking_uri", values["tracking_uri"])

@@ -122,9 +122,7 @@ def print_summary(study: optuna.Study, config: StudyConfig,
     best = study.best_trial
     print(f"Best: {describe_trial(best)}")
     print(f"  params: {format_params(best.params, limit=99)}")
-    args = f"study={config.study} storage={config.storage}"
-    if config.study_name != config.study:
-        args += f" study_name={config.study_name}"
+    args = config.location_args(storage=True)
     print("Next:")
     print(f"  python -m search.dashboard {args}   # optuna-dashboard: trials, curves, importances")
     if config.tracking_enabled and experiment_id is not None:

@@ -101,17 +101,7 @@ def load_stored_study(url: StoreUrl, name: str) -> tuple[optuna.Study, optuna.st
     return optuna.load_study(study_name=name, storage=storage), storage
 
 
-def location_args(config: StudyConfig) -> str:
-    """`study=... [storage=...] [study_name=...]`: the words that find this study again."""
-    words = [f"study={config.study}"]
-    if not config.storage.is_default:
-        words.append(f"storage={config.storage}")
-    if config.study_name != config.study:
-        words.append(f"study_name={config.study_name}")
-    return " ".join(words)
-
-
 def retrain_command(config: StudyConfig, trial_number: int, *, full: bool = False) -> str:
     """The exact command that trains a trial's configuration again."""
-    return (f"python -m search.train {location_args(config)} trial={trial_number}"
+    return (f"python -m search.train {config.location_args()} trial={trial_number}"
             + (" full=true" if full else ""))

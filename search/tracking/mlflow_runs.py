@@ -440,10 +440,8 @@ class ParentRun:
             return
         missing = sum(t.state != TrialState.WAITING for t in study.get_trials(deepcopy=False))
         print(f"MLflow: the tracking store still fails; up to {missing} trial run(s) may be "
-              f"missing or incomplete. Once it answers: python -m search.sync study="
-              f"{self.config.study} storage={self.config.storage}"
-              + (f" study_name={self.config.study_name}"
-                 if self.config.study_name != self.config.study else ""), file=sys.stderr)
+              f"missing or incomplete. Once it answers: python -m search.sync "
+              f"{self.config.location_args(storage=True)}", file=sys.stderr)
 
     def close_parent(self, study: optuna.Study, status: str) -> None:
         """Trial counts and the final best on the parent run, then its status."""
