@@ -19,7 +19,7 @@ Four measurements, in one run on one machine, on random images shaped like CIFAR
    `python -m search.run ... workers=N`, the number that decides how many trials a search affords.
 
 The figures are printed and written as JSON (`out=`, default `benchmarks/results/bench.json`), for
-the README's "Speed" section and for comparison over time. Defaults finish in about 2 minutes on
+docs/speed.md and for comparison over time. Defaults finish in about 2 minutes on
 2 CPU cores; on a GPU the epochs are CIFAR-sized.
 """
 

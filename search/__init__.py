@@ -1,6 +1,7 @@
 """Hyperparameter searches for image classifiers with Optuna, tracked in MLflow.
 
-The Python API (`search.api`, documented there and in the README) is importable from here:
+The Python API (`search.api`, documented there, in the README and in docs/models.md) is
+importable from here:
 `search.run_study`, `search.open_study`, `search.best_config`, `search.retrain`,
 `search.load_model`, `search.predict`. It is loaded on first use, so that
 `python -m search.run --help` does not pay for PyTorch and MLflow.

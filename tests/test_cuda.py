@@ -4,8 +4,8 @@ test_trainer, test_study, test_devices, test_predict); these check that the mock
 truth: the chosen precision trains, a checkpoint resumes on the GPU, out-of-memory frees the
 card, and the exported model runs there.
 
-None of these has run yet: no GPU was available to the work that wrote them (see the README's
-"GPUs" section for what has and has not run on real hardware)."""
+None of these has run yet: no GPU was available to the work that wrote them (see docs/gpus.md
+for what has and has not run on real hardware)."""
 
 from __future__ import annotations
 

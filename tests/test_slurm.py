@@ -249,7 +249,7 @@ def test_the_recipe_runs_an_array_job_through_a_scancel_and_a_requeue(slurm, pos
 
 
 def test_the_documented_commands_fit_a_node_declared_as_measured(slurm, tmp_path):
-    """The node is declared as `slurmd -C` measures this machine (2 CPUs): the README's commands
+    """The node is declared as `slurmd -C` measures this machine (2 CPUs): the documented commands
     are accepted as they are (`--test-only`: SLURM checks the request and starts nothing), and a
     task larger than the node is refused, as on a real small node."""
     submit = submit_folder(tmp_path)

@@ -1,5 +1,5 @@
 """The fast paths change speed, not results; the speed benchmark (`benchmarks/speed.py`) writes the
-figures the README promises."""
+figures docs/speed.md promises."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 `on_epoch` callback that sees each epoch's metrics and may ask training to stop (that is how the
 objective wires in pruning and logging, and how `search.train` and the report retrain models).
 
-Fast paths, each switched on only where it was measured to pay (`Speed`, README "Speed"): data
+Fast paths, each switched on only where it was measured to pay (`Speed`, docs/speed.md): data
 stays on the training device (`BatchLoader`); activations are channels_last (oneDNN on CPUs and
 tensor cores on GPUs both prefer NHWC); autocast runs on CUDA (bf16 or fp16, below) and on
 CPUs with native bf16 (AVX512-BF16/AMX); optimizers use their fused kernels; and the loop never synchronises with the
