@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import optuna
 import pytest
-from conftest import SMALL_CNN_CHOICES, one_thread
+from helpers import SMALL_CNN_CHOICES, one_thread
 
 import search
 from search.analysis.tables import top_trials

@@ -12,7 +12,7 @@ import pytest
 
 import optuna
 import torch
-from conftest import TINY, overriding
+from helpers import TINY, overriding
 from optuna.trial import TrialState
 
 from search.config.settings import load_config

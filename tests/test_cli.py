@@ -7,7 +7,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import (
+from helpers import (
     AGGRESSIVE_PRUNER,
     FAKE,
     FINISHED,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from conftest import ROOT
+from helpers import ROOT
 
 from search.config.errors import SearchError
 from search.config.settings import (

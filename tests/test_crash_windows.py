@@ -11,7 +11,7 @@ import time
 
 import optuna
 import pytest
-from conftest import (
+from helpers import (
     FAKE,
     TINY,
     cli_env,

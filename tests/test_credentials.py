@@ -11,7 +11,7 @@ from pathlib import Path
 import optuna
 import optuna_dashboard
 import pytest
-from conftest import SMALL, cli_env, finish, overriding, run_cli, start_cli
+from helpers import SMALL, cli_env, finish, overriding, run_cli, start_cli
 from mlflow import MlflowClient
 
 from benchmarks.postgres_server import PASSWORD

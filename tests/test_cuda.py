@@ -16,7 +16,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import SMALL_PARAMS, TINY, overriding
+from helpers import SMALL_PARAMS, TINY, overriding
 
 from search.config.errors import SearchError
 from search.config.settings import load_config

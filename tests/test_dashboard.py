@@ -10,7 +10,7 @@ import optuna
 import optuna_dashboard
 import pytest
 import yaml
-from conftest import FAKE
+from helpers import FAKE
 from optuna.trial import TrialState
 from werkzeug.test import Client
 

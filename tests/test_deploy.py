@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
-from conftest import ROOT, cli_env
+from helpers import ROOT, cli_env
 
 DEPLOY = ROOT / "deploy"
 SBATCH = DEPLOY / "slurm" / "search.sbatch"

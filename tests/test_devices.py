@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, overriding
+from helpers import TINY, overriding
 
 import search
 from search.config.command_line import main_guard

@@ -16,7 +16,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import SMALL, cli_env, overriding, run_cli
+from helpers import SMALL, cli_env, overriding, run_cli
 
 pytestmark = pytest.mark.slow
 TESTS = Path(__file__).resolve().parent  # where the scenario below finds conftest
@@ -138,7 +138,7 @@ DISK_FULL = textwrap.dedent("""
     import json, os, subprocess, sys
     import optuna
     sys.path.insert(0, TESTS)
-    from conftest import trained_an_epoch, wait_for_running_trial
+    from helpers import trained_an_epoch, wait_for_running_trial
     os.makedirs("disk")
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", "disk"], check=True)
     storage = "sqlite:///disk/optuna.db"

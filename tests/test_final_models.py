@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import SMALL, cli_env, overriding, run_cli
+from helpers import SMALL, cli_env, overriding, run_cli
 from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, cli_env
+from helpers import ROOT, cli_env
 
 
 @pytest.mark.slow

@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SMALL_PARAMS, cli_env
+from helpers import ROOT, SMALL_PARAMS, cli_env, make_model, predict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_predict import make_model, predict
 
 from search.api import load_model
 from search.config.command_line import main_guard

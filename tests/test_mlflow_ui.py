@@ -22,7 +22,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import TINY, cli_env, free_port, overriding, run_cli, wait_for_health
+from helpers import TINY, cli_env, free_port, overriding, run_cli, wait_for_health
 
 from search.config.settings import load_config
 from search.runner.progress import print_summary

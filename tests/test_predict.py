@@ -10,32 +10,17 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import SMALL_PARAMS
+from helpers import make_model, predict
 from PIL import Image
 
-from search.config.command_line import main_guard
 from search.config.datasets import DATASETS
-from search.predict import main as predict_main
 from search.training.classifier import (
     class_scores,
-    classifier_from_state,
     load_classifier,
     save_classifier,
 )
 from search.training.images import load_split
-from search.training.models import build_model
-from search.training.results import MODEL_FORMAT, ModelCard
-
-
-def make_model(dataset: str = "fake") -> torch.nn.Module:
-    """An untrained cnn3 with a card: what the files hold matters here, not its accuracy."""
-    spec = DATASETS[dataset]
-    card = ModelCard("cnn3", SMALL_PARAMS, spec.name, spec.channels, spec.image_size, spec.mean,
-                     spec.std, spec.classes, "cnn3", 7, "rank 1", 11, 2, 1024, 0.5, 0.25, 2.0)
-    torch.manual_seed(0)
-    network = build_model("cnn3", SMALL_PARAMS, in_channels=spec.channels,
-                          image_size=spec.image_size, num_classes=spec.num_classes)
-    return classifier_from_state(card, network.state_dict())
+from search.training.results import MODEL_FORMAT
 
 
 def write_pictures(folder, images: torch.Tensor) -> list[str]:
@@ -47,12 +32,6 @@ def write_pictures(folder, images: torch.Tensor) -> list[str]:
         names.append(f"{index:02d}.png")
         picture.save(folder / names[-1])
     return names
-
-
-def predict(capsys, *words: str) -> tuple[int, list[str], str]:
-    code = main_guard(predict_main, list(words))
-    captured = capsys.readouterr()
-    return code, captured.out.splitlines(), captured.err
 
 
 def top1(model, images: torch.Tensor) -> list[str]:

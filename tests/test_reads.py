@@ -15,7 +15,7 @@ from pathlib import Path
 import optuna
 import optuna_dashboard
 import pytest
-from conftest import FAKE, cli_env, finish, free_port, start_cli
+from helpers import FAKE, cli_env, finish, free_port, start_cli
 from mlflow import MlflowClient
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState

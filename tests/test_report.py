@@ -15,7 +15,7 @@ from pathlib import Path
 import matplotlib.image
 import optuna
 import pytest
-from conftest import AGGRESSIVE_PRUNER, FAKE, SMALL_CNN, one_thread, run_cli
+from helpers import AGGRESSIVE_PRUNER, FAKE, SMALL_CNN, one_thread, run_cli
 from optuna.trial import TrialState
 
 from search.analysis import StudyReport, open_source, write_comparison

@@ -9,9 +9,10 @@ import signal
 
 import optuna
 import pytest
-from conftest import (
+from helpers import (
     FINISHED,
     SMALL,
+    check_study,
     finish,
     run_cli,
     start_cli,
@@ -24,32 +25,6 @@ from optuna.trial import FrozenTrial, TrialState
 pytestmark = [pytest.mark.slow,
               pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")]
 ARGS = [*SMALL, "pruner=none", "sampler=random"]
-
-
-def check_study(storage: str, n_trials: int, tracking: str | None = None,
-                name: str = "cnn3") -> optuna.Study:
-    """The invariants every fault and every crowd must leave behind."""
-    study = optuna.load_study(study_name=name, storage=storage)
-    trials = study.get_trials(deepcopy=False)
-    finished = [t for t in trials if t.state in FINISHED]
-    assert len(finished) == n_trials, [t.state.name for t in trials]
-    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-    configurations = [tuple(sorted(t.params.items())) for t in finished]
-    assert len(set(configurations)) == len(configurations), "a configuration was tried twice"
-    retried = [t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs]
-    failed = [t.number for t in trials if t.state == TrialState.FAIL]
-    assert set(retried) <= set(failed)  # only failed trials are retried, each once
-    assert len(retried) == len(set(retried))
-    if tracking is not None:
-        client = MlflowClient(tracking)
-        experiment = client.get_experiment_by_name(name)
-        runs = client.search_runs([experiment.experiment_id], max_results=1000)
-        parents = [r for r in runs if r.data.tags.get("search.role") == "study"]
-        children = [r for r in runs if r.data.tags.get("search.role") == "trial"]
-        assert len(parents) == 1, [r.info.run_name for r in parents]
-        assert sorted(int(r.data.tags["trial_number"]) for r in children) == [t.number for t in trials]
-        assert not [r for r in runs if r.info.status == "RUNNING"]
-    return study
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import optuna
 import pytest
 import torch
-from conftest import FAKE, SMALL_CNN, SMALL_CNN_CHOICES, space_choices
+from helpers import FAKE, SMALL_CNN, SMALL_CNN_CHOICES, space_choices
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import FINISHED, ROOT, SMALL_CNN, cli_env
+from helpers import FINISHED, ROOT, SMALL_CNN, cli_env
 from mlflow import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 from slurm_cluster import SlurmCluster, unavailable

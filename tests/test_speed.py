@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL_PARAMS
+from helpers import SMALL_PARAMS
 
 from benchmarks import speed as bench
 from search.config.errors import SearchError
@@ -200,9 +200,11 @@ def test_benchmark_writes_the_promised_json(tmp_path: Path, monkeypatch, capsys)
     assert code == 0
     report = json.loads(out.read_text())
     for pipeline in ("baseline", "ours"):
-        assert report[pipeline]["train_images_per_second"] > 0
-        assert report[pipeline]["val_images_per_second"] > 0
-        assert len(report[pipeline]["epochs"]) == 2
+        epochs = report[pipeline]["epochs"]
+        assert len(epochs) == 2
+        for key in ("train_images_per_second", "val_images_per_second"):
+            # The figure is the measured epoch's (the first is warm-up), and a real rate.
+            assert report[pipeline][key] == epochs[1][key] > 0
     assert report["ratio"]["train"] == pytest.approx(
         report["ours"]["train_images_per_second"] / report["baseline"]["train_images_per_second"])
     assert report["baseline"]["workers"] == 0 and report["baseline"]["transforms"] == "torchvision"

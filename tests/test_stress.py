@@ -11,9 +11,8 @@ import optuna
 import psycopg
 import pytest
 import sqlalchemy
-from conftest import SMALL, finish, start_cli
+from helpers import SMALL, check_study, finish, start_cli
 from optuna.storages._rdb import models
-from test_scale import check_study
 
 from search.config.settings import load_config
 from search.config.urls import StoreUrl
@@ -44,6 +43,20 @@ def test_the_storage_failure_paragraph_names_the_error_class_and_message():
         config, sqlite3.OperationalError("disk I/O error"))
 
 
+def waiting_for_an_advisory_lock(url: str, thread: threading.Thread, seconds: float = 30) -> bool:
+    """Whether some session of the server at `url` waits for an advisory lock, polled until one
+    does, `thread` ends, or `seconds` pass."""
+    deadline = time.monotonic() + seconds
+    with psycopg.connect(url, autocommit=True) as watcher:
+        while time.monotonic() < deadline and thread.is_alive():
+            waiting = watcher.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                      "AND NOT granted").fetchone()[0]
+            if waiting:
+                return True
+            time.sleep(0.02)  # the poll interval
+    return False
+
+
 @pytest.mark.slow
 def test_a_check_waits_for_the_process_that_creates_the_tables(postgres, tmp_path):
     """The race behind issue 16, made deterministic: one process has created Optuna's tables and
@@ -67,7 +80,9 @@ def test_a_check_waits_for_the_process_that_creates_the_tables(postgres, tmp_pat
 
         checker = threading.Thread(target=check)
         checker.start()
-        time.sleep(1)
+        # Commit only once the check waits for the lock (an advisory lock not granted), so that
+        # the check runs exactly inside the window the race needs.
+        assert waiting_for_an_advisory_lock(url, checker), "the check never waited for the lock"
         creator.commit()
     creating.release()
     checker.join(30)

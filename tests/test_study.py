@@ -10,7 +10,7 @@ import optuna
 import pytest
 import sqlalchemy
 import torch
-from conftest import FAKE, TINY, overriding
+from helpers import FAKE, TINY, overriding
 from optuna.trial import TrialState
 
 from search.config.errors import SearchError

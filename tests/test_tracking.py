@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from conftest import (
+from helpers import (
     AGGRESSIVE_PRUNER,
     FINISHED,
     SMALL,
@@ -299,7 +299,7 @@ def test_a_failing_tracking_store_warns_and_never_fails_the_trial(mlflow_server,
 
 def test_final_models_are_logged_under_the_study_parent_and_registered(mlflow_server, tmp_path,
                                                                        capsys):
-    from test_predict import make_model
+    from helpers import make_model
 
     from search.tracking.model_registry import FinalModels, load_logged_model
     from search.training.classifier import class_scores

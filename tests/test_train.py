@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from conftest import FAKE, SMALL_CNN, one_thread
+from helpers import FAKE, SMALL_CNN, one_thread
 from optuna.trial import TrialState
 
 from search.analysis.final_models import retrain_trial

@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from conftest import SMALL_PARAMS
+from helpers import SMALL_PARAMS
 
 from search.training.loop import (
     TrainingDiverged,

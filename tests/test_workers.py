@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import threading
-import time
 from datetime import datetime
 from pathlib import Path
 
 import optuna
 import pytest
 import torch
-from conftest import FAKE, TINY, run_cli
+from helpers import FAKE, TINY, run_cli
 from optuna.trial import TrialState
 
 from search.config.errors import SearchError
@@ -47,13 +46,30 @@ def _run_threads(tmp_path: Path, n_trials: int, threads: int, objective) -> optu
 
 
 def test_concurrent_workers_start_exactly_the_missing_trials(tmp_path: Path) -> None:
-    def objective(trial: optuna.Trial) -> float:
-        time.sleep(0.02)  # long enough for the workers to overlap
-        return trial.suggest_float("x", 0, 1)
+    n_trials = 9
+    together = threading.Condition()
+    started, running, most = [0], [0], [0]
 
-    study = _run_threads(tmp_path, n_trials=9, threads=3, objective=objective)
+    def objective(trial: optuna.Trial) -> float:
+        # Each trial waits until another runs beside it (or none is left to start), so the
+        # workers really overlap, and the test says that they did.
+        with together:
+            started[0] += 1
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            together.notify_all()
+            together.wait_for(lambda: running[0] >= 2 or started[0] >= n_trials, timeout=30)
+        try:
+            return trial.suggest_float("x", 0, 1)
+        finally:
+            with together:
+                running[0] -= 1
+                together.notify_all()
+
+    study = _run_threads(tmp_path, n_trials=n_trials, threads=3, objective=objective)
     states = [t.state for t in study.get_trials(deepcopy=False)]
-    assert states == [TrialState.COMPLETE] * 9  # none over, none running, none failed
+    assert states == [TrialState.COMPLETE] * n_trials  # none over, none running, none failed
+    assert most[0] >= 2, "the workers never ran trials at the same time"
 
 
 def test_failures_use_up_the_budget_instead_of_looping(tmp_path: Path) -> None:

@@ -16,10 +16,8 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
-import importlib.util
 import os
 import re
 import tempfile
