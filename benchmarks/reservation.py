@@ -1,7 +1,8 @@
 """How far one study scales: the capacity of its reservation lock, measured on PostgreSQL.
 
     python benchmarks/reservation.py [processes=16] [trials=2000] [epochs=3] [tracking=true]
-                                     [sampler=tpe] [bucket=500] [out=benchmarks/results/reservation.json]
+                                     [sampler=tpe] [bucket=500] [grow_to=10000]
+                                     [out=benchmarks/results/reservation.json]
 
 Every trial start passes through the study's reservation lock (`search.runner.process.
 reserve_and_run`: the room check and the sampler's `ask` run under it). `processes` processes
@@ -19,7 +20,11 @@ so its `ask` slows as the study grows):
     1 / hold is the most starts per second any number of processes can reach);
   - storage milliseconds per trial (a process's wall time per trial, all its storage and
     tracking work, lock wait included);
-and the PostgreSQL connections the processes held at the peak. Nothing is asserted.
+and the PostgreSQL connections the processes held at the peak. Then, in one process, the study
+is filled with copies of its finished trials (their parameters, attributes and epochs; values
+drawn at random) up to 1,000, 2,000, 5,000 and `grow_to` trials, and the serial part of a start
+(the lock, the room check and `ask`) is timed at each size, with nothing else running: how the
+capacity falls as a study grows. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import numpy as np
 import optuna
 import sqlalchemy
 import torch
@@ -57,7 +63,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.postgres_server import PostgresServer  # noqa: E402
 
 SETTINGS = {"processes": 16, "trials": 2000, "epochs": 3, "tracking": True, "sampler": "tpe",
-            "bucket": 500, "out": "benchmarks/results/reservation.json"}
+            "bucket": 500, "grow_to": 10000, "out": "benchmarks/results/reservation.json"}
 
 
 class TimedLock(DatabaseLock):
@@ -144,6 +150,40 @@ def summarise(records: list[dict[str, Any]], bucket: int) -> list[dict[str, Any]
     return rows
 
 
+def hold_as_the_study_grows(words: list[str], sizes: list[int], repeats: int = 5) -> list[dict[str, Any]]:
+    """The serial part of a trial start (lock, room check, ask) in one process, as the study is
+    filled up to each size with copies of its finished trials."""
+    config = load_config([w for w in words if not w.startswith("n_trials=")]
+                         + [f"n_trials={max(sizes) + repeats + 1}"])
+    study, _, _ = open_study(config)
+    finished = [t for t in study.get_trials(deepcopy=False)
+                if t.state == optuna.trial.TrialState.COMPLETE]
+    random = np.random.default_rng(0)
+    since = datetime.now()
+    rows = []
+    for size in sizes:
+        have = len(study.get_trials(deepcopy=False))
+        for index in range(max(0, size - have)):
+            source = finished[index % len(finished)]
+            study.add_trial(optuna.trial.create_trial(
+                params=source.params, distributions=source.distributions,
+                value=float(random.uniform(0, 1)), user_attrs=source.user_attrs,
+                intermediate_values=source.intermediate_values))
+        holds = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            with DatabaseLock(config.storage, f"trials:{config.study_name}"):
+                process_module._room_for_one_more(study, config.n_trials, since)
+                trial = study.ask()
+            holds.append((time.perf_counter() - started) * 1000)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        rows.append({"trials": len(study.get_trials(deepcopy=False)),
+                     "hold_ms_median": statistics.median(holds)})
+        print(f"  a study of {rows[-1]['trials']:>6,} trials: lock + room check + ask "
+              f"{rows[-1]['hold_ms_median']:7.1f} ms (median of {repeats})", flush=True)
+    return rows
+
+
 def peak_connections(url: str, running: list[multiprocessing.Process]) -> int:
     """The most connections to the server seen while the processes run (sampled every 0.5 s)."""
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
@@ -189,20 +229,26 @@ def main(argv: list[str]) -> int:
             wall = time.perf_counter() - started
             records = [json.loads(Path(out).read_text()) for out in outs if Path(out).exists()]
         finished = count_finished(optuna.load_study(study_name=config.study_name, storage=storage))
+        rows = summarise(records, settings["bucket"])
+        print(f"{settings['processes']} processes, {finished} trials in {wall:.0f} s "
+              f"(MLflow {'on' if settings['tracking'] else 'off'}, sampler {settings['sampler']}); "
+              f"peak PostgreSQL connections: {peak} ({peak / settings['processes']:.1f} per "
+              "process)")
+        print(f"{'trials':>11} {'starts/s':>9} {'wait ms':>8} {'p95':>7} {'hold ms':>8} {'ms/trial':>9}")
+        for row in rows:
+            print(f"{row['trials']:>11} {row['starts_per_second']:9.1f} "
+                  f"{row['lock_wait_ms_median']:8.1f} {row['lock_wait_ms_p95']:7.1f} "
+                  f"{row['lock_hold_ms_median']:8.1f} {row['ms_per_trial']:9.1f}", flush=True)
+        sizes = sorted({n for n in (1000, 2000, 5000, settings["grow_to"])
+                        if finished < n <= settings["grow_to"]})
+        growth = hold_as_the_study_grows(words, sizes) if sizes else []
     finally:
         server.stop()
-    rows = summarise(records, settings["bucket"])
-    print(f"{settings['processes']} processes, {finished} trials in {wall:.0f} s "
-          f"(MLflow {'on' if settings['tracking'] else 'off'}, sampler {settings['sampler']}); "
-          f"peak PostgreSQL connections: {peak} ({peak / settings['processes']:.1f} per process)")
-    print(f"{'trials':>11} {'starts/s':>9} {'wait ms':>8} {'p95':>7} {'hold ms':>8} {'ms/trial':>9}")
-    for row in rows:
-        print(f"{row['trials']:>11} {row['starts_per_second']:9.1f} {row['lock_wait_ms_median']:8.1f} "
-              f"{row['lock_wait_ms_p95']:7.1f} {row['lock_hold_ms_median']:8.1f} {row['ms_per_trial']:9.1f}")
     out = Path(settings["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"settings": settings, "finished": finished, "wall_seconds": wall,
-                               "peak_connections": peak, "slices": rows}, indent=1))
+                               "peak_connections": peak, "slices": rows, "growth": growth},
+                              indent=1))
     print(f"written to {out}")
     return 0
 
