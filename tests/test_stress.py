@@ -19,6 +19,7 @@ from search.config.urls import StoreUrl
 from search.runner.progress import storage_failure
 from search.storage.backends import DatabaseLock
 from search.storage.checks import open_if_exists
+from search.storage.reading import open_existing
 
 ARGS = [*SMALL, "pruner=none", "sampler=random", "tracking_uri=none", "epochs=1"]
 PROCESSES, ROUNDS = 6, 1  # as many as 2 CI cores start in ~30 s; the race itself is made
@@ -57,14 +58,25 @@ def waiting_for_an_advisory_lock(url: str, thread: threading.Thread, seconds: fl
     return False
 
 
+def _check_before_a_run(url: str) -> optuna.storages.RDBStorage:
+    return open_if_exists(StoreUrl(url))
+
+
+def _open_for_a_report(url: str) -> optuna.storages.RDBStorage:
+    return open_existing(StoreUrl(url))[0]
+
+
 @pytest.mark.slow
-def test_a_check_waits_for_the_process_that_creates_the_tables(postgres, tmp_path):
+@pytest.mark.parametrize("reader", [_check_before_a_run, _open_for_a_report])
+def test_a_check_waits_for_the_process_that_creates_the_tables(postgres, tmp_path, reader):
     """The race behind issue 16, made deterministic: one process has created Optuna's tables and
-    is stamping alembic_version (its transaction open) when another opens the storage to check
-    it. Unlocked, the second stamp collided with the first (an IntegrityError in one of them,
-    which exited 1: "storage failed while the study ran"); now the check waits for the lock."""
+    is stamping alembic_version (its transaction open) when another opens the storage, to check
+    it before a run or to read it for a report, sync, the API or the dashboard (the one read
+    path, `open_existing`). Unlocked, the second stamp collided with the first (an IntegrityError
+    in one of them: a run exited 1, "storage failed while the study ran"; a report started while
+    the first worker created the tables failed); now both wait for the lock."""
     head = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/head.db").get_current_version()
-    url = postgres.url(postgres.create_database("optuna_stamp_race"))
+    url = postgres.url(postgres.create_database(f"optuna_stamp_race_{reader.__name__[1:6]}"))
     models.BaseModel.metadata.create_all(sqlalchemy.create_engine(url))
     creating = DatabaseLock(StoreUrl(url), "optuna-schema")  # held as make_storage holds it
     with psycopg.connect(url) as creator:
@@ -74,7 +86,7 @@ def test_a_check_waits_for_the_process_that_creates_the_tables(postgres, tmp_pat
 
         def check() -> None:
             try:
-                seen["storage"] = open_if_exists(StoreUrl(url))
+                seen["storage"] = reader(url)
             except Exception as error:  # noqa: BLE001 - the test reports it
                 seen["error"] = error
 

@@ -17,6 +17,7 @@ import optuna
 from search.config.errors import SearchError, first_line
 from search.config.settings import SETTINGS, StudyConfig, build_config, resolve_tree
 from search.config.urls import StoreUrl, check_writable, masked
+from search.storage.backends import DatabaseLock
 from search.storage.checks import table_names
 from search.storage.trials import StudyAttr
 
@@ -82,7 +83,11 @@ def open_existing(url: StoreUrl) -> tuple[optuna.storages.RDBStorage, list[str]]
     else:
         table_names(url)  # the server answers
     try:
-        storage = optuna.storages.RDBStorage(raw, skip_table_creation=True)
+        # Under the schema lock the writers hold while they create the tables and stamp their
+        # version (`open_if_exists`, `make_storage`): Optuna's storage stamps a version it finds
+        # missing, and a reader stamping beside a new database's first writer collides with it.
+        with DatabaseLock(url, "optuna-schema"):
+            storage = optuna.storages.RDBStorage(raw, skip_table_creation=True)
         return storage, optuna.get_all_study_names(storage)
     except Exception as error:  # noqa: BLE001 - any driver/schema error: not a usable storage
         raise SearchError(f"{url.key}={url}: cannot be read as an Optuna storage "
