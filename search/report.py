@@ -31,7 +31,8 @@ from search.training.loop import resolve_device
 SUMMARY = ("Reads a study from its storage (finished, running or interrupted) and writes "
            "reports/<study_name>/: report.md, a self-contained report.html, trials.csv and the "
            "figures as PNG, opening with what to do next (ranges, choices, curves, samples) and "
-           "next-study.yaml, the next study written with its reasons. retrain=topN also retrains the N best configurations and the baseline "
+           "next-study.yaml, the next study written with its reasons. retrain=topN also "
+           "retrains the N best configurations and the baseline "
            "on train + validation and evaluates them once on the test set. Several studies "
            "(study=cnn3,resnet20) are also compared side by side.")
 KEYS = {

@@ -5,8 +5,9 @@ objective wires in pruning and logging, and how `search.train` and the report re
 Fast paths, each switched on only where it was measured to pay (`Speed`, docs/speed.md): data
 stays on the training device (`BatchLoader`); activations are channels_last (oneDNN on CPUs and
 tensor cores on GPUs both prefer NHWC); autocast runs on CUDA (bf16 or fp16, below) and on
-CPUs with native bf16 (AVX512-BF16/AMX); optimizers use their fused kernels; and the loop never synchronises with the
-host inside an epoch (losses and hits are summed on the device and read once per epoch).
+CPUs with native bf16 (AVX512-BF16/AMX); optimizers use their fused kernels; and the loop
+never synchronises with the host inside an epoch (losses and hits are summed on the device and
+read once per epoch).
 `torch.compile` (and CUDA graphs through its "reduce-overhead" mode) is off unless asked for.
 
 Precision is chosen per device (`best_precision`): bf16 autocast on GPUs of compute capability
@@ -301,7 +302,6 @@ def autocast_context(device: torch.device, precision: str | bool | None = None):
         precision = "fp32"
     return torch.autocast(device_type=device.type, dtype=PRECISIONS[precision],
                           enabled=precision != "fp32")
-
 
 
 def make_loader(data: ImageSet, spec: DatasetSpec, device: torch.device, *, batch_size: int,
