@@ -300,8 +300,12 @@ def _read_cifar_batch(
     path: Path, label_key: bytes, num_classes: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Reads one pickled batch as (N, 3, 32, 32) uint8 images and (N,) int64 labels."""
-    batch = read_cifar_pickle(path)
-    images = cifar_images(batch, path)
+    try:
+        batch = read_cifar_pickle(path)
+        images = cifar_images(batch, path)
+    except SearchError as error:  # the remedy the loader's messages have always given
+        raise SearchError(f"{str(error).removesuffix('.')}; delete it and extract the archive "
+                          "again.") from None
     try:
         labels = np.asarray(batch[label_key], dtype=np.int64)
     except (KeyError, TypeError, ValueError, OverflowError) as error:
