@@ -6,7 +6,6 @@ user set; a worker does not re-check the number of processes its parent accepted
 
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from search.config.settings import load_config
 from search.predict import main as predict_main
 from search.report import main as report_main
 from search.run import main as run_main
+from search.runner import preflight
 from search.runner.preflight import prepare
 from search.runner.process import Session
 from search.runner.workers import placement
@@ -150,7 +150,7 @@ def test_a_worker_does_not_recheck_the_number_its_parent_accepted(monkeypatch, t
     """The parent sees 2 GPUs and accepts 16 processes (8 per GPU); each worker sees one GPU and
     would refuse 16 (its own limit is 8 on a 1-core machine). Checked once, in the parent."""
     fake_gpus(monkeypatch, 2)
-    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(preflight, "usable_cpus", lambda: 1)
     words = overriding([*TINY, f"storage=sqlite:///{tmp_path / 'o.db'}", "n_trials=16"],
                        "gpus=0,1", "workers_per_gpu=8")
     assert prepare(load_config(words))[0] == torch.device("cuda:0")  # the parent: accepted
@@ -169,3 +169,14 @@ def test_gpus_need_cuda(monkeypatch, tmp_path):
     with pytest.raises(SearchError, match="gpus=0: CUDA is not available"):
         prepare(load_config([*TINY, "gpus=0", "n_trials=2"]))
     assert not Path(tmp_path / "o.db").exists()
+
+
+def test_too_many_workers_are_refused_by_the_cpus_this_process_may_use(monkeypatch, tmp_path):
+    """A scheduler's CPU binding (SLURM, taskset) counts, not the machine's cores."""
+    monkeypatch.setattr(preflight, "usable_cpus", lambda: 2)
+    storage = f"storage=sqlite:///{tmp_path / 'o.db'}"
+    limit = preflight.PROCESSES_PER_CORE * 2
+    with pytest.raises(SearchError, match=rf"workers={limit + 1}: this process may use 2 CPU "
+                                          rf"core\(s\).*at most {limit}"):
+        prepare(load_config([*TINY, storage, f"workers={limit + 1}", "n_trials=99"]))
+    assert not (tmp_path / "o.db").exists()

@@ -73,10 +73,18 @@ PROCESSES_PER_CORE = 4   # beyond this, trial processes only take turns on the C
 PROCESSES_PER_GPU = 8    # small models: a few processes fill a GPU's idle gaps, more only queue
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: a scheduler's binding (SLURM's task/affinity, a cgroup's
+    cpuset, `taskset`) leaves fewer than the machine has, which `os.cpu_count()` counts."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def check_workers(config: StudyConfig, device: torch.device) -> None:
     """Refuses a number of trial processes that cannot help (a typo such as workers=100000
     would start that many PyTorch processes), before any is started."""
-    cores = os.cpu_count() or 1
+    cores = usable_cpus()
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     limit = max(PROCESSES_PER_CORE * cores, PROCESSES_PER_GPU * gpus)
     if config.workers > config.n_trials:
@@ -84,7 +92,7 @@ def check_workers(config: StudyConfig, device: torch.device) -> None:
                           f"(n_trials={config.n_trials}); use at most workers={config.n_trials}.")
     if config.workers > limit:
         raise SearchError(
-            f"workers={config.workers}: this machine has {cores} CPU core(s)"
+            f"workers={config.workers}: this process may use {cores} CPU core(s)"
             + (f" and {gpus} GPU(s)" if gpus else "") + f", which can hold at most {limit} trial "
             f"processes; more would only take turns. Use workers={min(limit, config.n_trials)} "
             "or fewer.")

@@ -33,7 +33,7 @@ from optuna.trial import TrialState
 
 from search.config.settings import StudyConfig
 from search.runner.objective import Objective, StopSignal, TrialFailed
-from search.runner.preflight import prepare
+from search.runner.preflight import prepare, usable_cpus
 from search.storage.backends import DatabaseLock, artifact_store
 from search.storage.checkpoints import Checkpoints
 from search.storage.recovery import recover_dead_trials, retried
@@ -45,14 +45,6 @@ from search.storage.trials import (
 )
 from search.tracking.dashboard_artifacts import DashboardArtifacts
 from search.training.images import SearchData
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on: a scheduler's binding (SLURM's task/affinity, a cgroup's
-    cpuset, `taskset`) leaves fewer than the machine has, which `os.cpu_count()` counts."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def _share_cpu(workers: int, device: torch.device) -> None:
