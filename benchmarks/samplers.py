@@ -38,7 +38,7 @@ from search.config.command_line import command_overrides, main_guard
 from search.config.errors import SearchError
 from search.config.settings import load_config
 from search.runner.objective import Objective, TrialFailed
-from search.storage.strategy import make_pruner, make_sampler
+from search.config.strategies import make_pruner, make_sampler
 from search.training.images import ImageSet, SearchData, load_search_data
 
 CONDITIONS: dict[str, list[str]] = {
@@ -86,8 +86,8 @@ def run_condition(name: str, repeat: int, data: SearchData, settings: dict[str, 
                           "tracking_uri=none", f"epochs={settings['epochs']}",
                           f"sampler.n_startup_trials={settings['n_startup_trials']}",
                           f"seed={repeat}", *PROXY, *CONDITIONS[name]])
-    study = optuna.create_study(direction="maximize", sampler=make_sampler(config, repeat),
-                                pruner=make_pruner(config))
+    study = optuna.create_study(direction="maximize", sampler=make_sampler(config.sampler, repeat),
+                                pruner=make_pruner(config.pruner, config.epochs))
     study.optimize(Objective(config, data, torch.device("cpu")), n_trials=settings["trials"],
                    catch=(TrialFailed,))
     return [{"number": t.number, "state": t.state.name, "value": t.value,

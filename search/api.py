@@ -20,8 +20,10 @@ from typing import Any, NamedTuple, TypeVar
 
 import optuna
 
+from search.config.command_keys import PREDICT, REPORT
 from search.config.errors import SearchError
-from search.config.settings import StudyConfig, load_config, whole
+from search.config.keys import Whole
+from search.config.settings import StudyConfig, load_config
 from search.config.urls import is_model_uri, masked, store_url, writable_folder
 from search.storage.studies import quiet_optuna
 
@@ -166,8 +168,8 @@ def retrain(study: Study, *, top: int = 1, seeds: int = 1, device: str | None = 
     from search.training.loop import resolve_device
     from search.training.results import FinalTraining
 
-    whole(1)("top", top)
-    whole(1, 1000)("seeds", seeds)  # as search.report and search.train check it
+    Whole(1)("top", top)
+    REPORT["seeds"].check("seeds", seeds)  # as search.report and search.train check it
     trials = top_trials(study.optuna, top)
     if not trials:
         raise SearchError(f"study '{study.name}' has no complete trial yet: nothing to retrain.")
@@ -243,7 +245,7 @@ def predict(model: Any, images: str | Path, *, top_k: int = 3) -> list[Predictio
     from search.training.classifier import Classifier, top_classes
     from search.training.image_files import read_images
 
-    whole(1)("top_k", top_k)
+    PREDICT["top_k"].check("top_k", top_k)
     if not isinstance(model, Classifier):
         model = load_model(model)
     card = model.card

@@ -8,20 +8,14 @@ from typing import Any
 
 import optuna_dashboard
 
+from search.config.command_keys import DASHBOARD, SERVER
 from search.config.command_line import help_text, run_command
 from search.config.errors import SearchError
-from search.config.settings import load_config
+from search.config.keys import checked, with_defaults
+from search.config.settings import load_config, parse_overrides
 from search.storage.backends import artifact_store
 from search.storage.reading import load_stored_study
 
-SERVER_KEYS = {"port": 8080, "host": "127.0.0.1"}
-KEY_HELP = {
-    "study": "the study file (its name is the default study_name)",
-    "storage": "Optuna storage URL (default: sqlite:///mlruns/optuna.db)",
-    "study_name": "the study in that storage (default: the study file's name)",
-    "port": "port to listen on (default: 8080)",
-    "host": "address to bind (default: 127.0.0.1; 0.0.0.0 to reach it from other machines)",
-}
 EXAMPLES = ["study=cnn3", "study=cnn3 storage=sqlite:///runs/optuna.db port=8081"]
 SUMMARY = ("Starts optuna-dashboard on a study's storage with its artifact folder wired in, so "
            "each trial's learning curve and config show next to its values. All studies of the "
@@ -29,25 +23,15 @@ SUMMARY = ("Starts optuna-dashboard on a study's storage with its artifact folde
 
 
 def _server_options(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
-    options, rest = dict(SERVER_KEYS), []
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key not in SERVER_KEYS:
-            rest.append(arg)
-        elif key == "port":
-            if not (value.isdigit() and 1 <= int(value) <= 65535):
-                raise SearchError(f"port={value}: expected a port number from 1 to 65535.")
-            options["port"] = int(value)
-        elif not value:
-            raise SearchError("host=: expected an address such as 127.0.0.1 or 0.0.0.0.")
-        else:
-            options["host"] = value
-    return options, rest
+    """The server's keys (`port`, `host`), checked, and the study's words."""
+    ours = [arg for arg in argv if arg.partition("=")[0] in SERVER]
+    given = checked(SERVER, dict(parse_overrides(ours)))
+    return with_defaults(SERVER, given), [arg for arg in argv if arg not in ours]
 
 
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
-        print(help_text("search.dashboard", SUMMARY, KEY_HELP, EXAMPLES, options=()))
+        print(help_text("search.dashboard", SUMMARY, DASHBOARD, EXAMPLES, options=()))
         return 0
     unknown = [a for a in argv if a.startswith("-")]
     if unknown:

@@ -7,27 +7,15 @@ from __future__ import annotations
 import sys
 import types
 
-from search.config.command_line import (
-    KEY_HELP,
-    command_overrides,
-    help_text,
-    run_command,
-)
+from search.config.command_keys import PREDICT as KEYS
+from search.config.command_line import command_overrides, help_text, run_command
 from search.config.errors import SearchError
-from search.config.settings import whole
+from search.config.keys import checked, with_defaults
 
 SUMMARY = ("Prints the top_k most probable classes of each image, with their probabilities, from "
            "a final model: a file under reports/<study_name>/models/ or an MLflow model URI such "
            "as models:/cnn3-best/1. Images are a folder of PNG/JPEG pictures, one picture, an idx "
            "file or a CIFAR batch file, of the size the model was trained on.")
-KEYS = {
-    "model": "a saved model file, or an MLflow model URI (models:/NAME/VERSION, runs:/ID/model)",
-    "images": "a folder of pictures (.png, .jpg, ...), one picture, an idx file or a CIFAR batch",
-    "top_k": "classes shown per image (default: 3)",
-    "device": KEY_HELP["device"],
-    "tracking_uri": "the MLflow store of a model URI (default: $MLFLOW_TRACKING_URI, else "
-                    "sqlite:///mlruns/mlflow.db)",
-}
 EXAMPLES = ["model=reports/cnn3/models/trial-0007-seed-1.pt images=my_pictures/",
             "model=models:/cnn3-best/1 images=data/cifar-10-batches-py/test_batch top_k=1"]
 
@@ -40,13 +28,14 @@ def main(argv: list[str]) -> int:
     overrides = command_overrides(argv, "search.predict", KEYS)
     missing = [key for key in ("model", "images") if key not in overrides]
     if missing:
-        raise SearchError(f"no {missing[0]} given: add {missing[0]}=... ({KEYS[missing[0]]}).")
-    top_k = whole(1)("top_k", overrides.get("top_k", 3))
+        raise SearchError(f"no {missing[0]} given: add {missing[0]}=... "
+                          f"({KEYS[missing[0]].help}).")
+    values = with_defaults(KEYS, checked(KEYS, overrides))
     from search.api import load_model, predict  # PyTorch loads here: --help stays fast
 
-    model = load_model(str(overrides["model"]), device=str(overrides.get("device", "cpu")),
-                       tracking_uri=overrides.get("tracking_uri"))
-    predictions = predict(model, str(overrides["images"]), top_k=top_k)
+    model = load_model(str(values["model"]), device=str(values["device"]),
+                       tracking_uri=values["tracking_uri"])
+    predictions = predict(model, str(values["images"]), top_k=values["top_k"])
     print(f"model: {model.card.describe()}")
     for prediction in predictions:
         print(f"{prediction.image}: " + ", ".join(f"{name} {probability:.3f}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +14,13 @@ from search.analysis.compose import (
     write_report,
 )
 from search.analysis.final_models import final_models_hook
-from search.config.command_line import (
-    KEY_HELP,
-    command_overrides,
-    help_text,
-    run_command,
-)
+from search.config.command_keys import LOCATION_KEYS
+from search.config.command_keys import REPORT as KEYS
+from search.config.command_line import command_overrides, help_text, run_command
 from search.config.errors import SearchError
-from search.config.settings import whole
+from search.config.keys import checked, with_defaults
 from search.config.urls import writable_folder
-from search.storage.reading import LOCATION_KEYS, open_source
+from search.storage.reading import open_source
 from search.storage.studies import quiet_optuna
 from search.training.loop import resolve_device
 
@@ -35,18 +31,6 @@ SUMMARY = ("Reads a study from its storage (finished, running or interrupted) an
            "retrains the N best configurations and the baseline "
            "on train + validation and evaluates them once on the test set. Several studies "
            "(study=cnn3,resnet20) are also compared side by side.")
-KEYS = {
-    "study": "study file(s); several, comma-separated, are compared: study=cnn3,resnet20",
-    "storage": KEY_HELP["storage"],
-    "study_name": "name(s) in the storage, comma-separated like study= (default: the file names)",
-    "top_k": "configurations in the top table (default: 5)",
-    "retrain": "none | topN: retrain the N best (and the baseline) on train+val, test them (default: none)",
-    "seeds": "seeds per configuration in the final evaluation (default: 3)",
-    "out": "folder for the reports (default: reports)",
-    "device": KEY_HELP["device"] + "; for retraining",
-    "data_dir": "where the dataset is (default: as the study ran)",
-    "tracking_uri": "MLflow tracking URI for the final runs; none = off (default: as the study ran)",
-}
 EXAMPLES = [
     "study=cnn3",
     "study=cnn3 storage=sqlite:///mlruns/optuna.db top_k=10",
@@ -56,15 +40,10 @@ EXAMPLES = [
 
 
 def parse_options(overrides: dict[str, Any]) -> ReportOptions:
-    retrain = str(overrides.get("retrain", "none")).strip().lower()
-    match = re.fullmatch(r"top(\d+)", retrain)
-    if retrain != "none" and not (match and int(match.group(1)) >= 1):
-        raise SearchError(f"retrain={overrides['retrain']!r}: expected none or topN with N >= 1 "
-                          "(e.g. retrain=top3).")
-    return ReportOptions(top_k=whole(1)("top_k", overrides.get("top_k", 5)),
-                         retrain=int(match.group(1)) if match else 0,
-                         seeds=whole(1, 1000)("seeds", overrides.get("seeds", 3)),
-                         out=Path(str(overrides.get("out", "reports"))))
+    """The report's own keys (checked overrides, `KEYS`), defaults filled in."""
+    values = with_defaults(KEYS, overrides)
+    return ReportOptions(top_k=values["top_k"], retrain=values["retrain"], seeds=values["seeds"],
+                         out=Path(str(values["out"])))
 
 
 def split_studies(overrides: dict[str, Any]) -> list[dict[str, Any]]:
@@ -102,7 +81,7 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(help_text("search.report", SUMMARY, KEYS, EXAMPLES, options=()))
         return 0
-    overrides = command_overrides(argv, "search.report", KEYS)
+    overrides = checked(KEYS, command_overrides(argv, "search.report", KEYS))
     options = parse_options(overrides)
     if "device" in overrides:  # placed on this machine up front, before any study is read
         resolve_device(overrides["device"])

@@ -13,7 +13,7 @@ import time
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from search.config.command_line import KEY_HELP, help_text, run_command
+from search.config.command_line import STUDY_KEYS, help_text, run_command
 from search.config.params import format_params
 from search.config.settings import StudyConfig, load_config, to_yaml
 from search.storage.studies import quiet_optuna
@@ -109,7 +109,7 @@ def _search(session: Session, overrides: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
-        print(help_text("search.run", SUMMARY, KEY_HELP, EXAMPLES, with_params=True))
+        print(help_text("search.run", SUMMARY, STUDY_KEYS, EXAMPLES, with_params=True))
         return 0
     show_config = "--cfg" in argv
     unknown = [a for a in argv if a.startswith("-") and a not in ("--cfg",)]

@@ -12,18 +12,14 @@ from __future__ import annotations
 
 from optuna.trial import TrialState
 
-from search.config.command_line import (
-    KEY_HELP,
-    command_overrides,
-    help_text,
-    run_command,
-)
+from search.config.command_keys import SYNC as KEYS
+from search.config.command_line import command_overrides, help_text, run_command
 from search.config.errors import SearchError
+from search.config.keys import checked
 from search.storage.reading import open_source
 from search.storage.studies import quiet_optuna
 from search.storage.trials import counts_toward_n_trials
 
-KEYS = {key: KEY_HELP[key] for key in ("study", "storage", "study_name", "tracking_uri")}
 SUMMARY = ("Creates every missing MLflow run of a study and completes the runs that stopped "
            "short, from the Optuna storage; running it again changes nothing.")
 EXAMPLES = ["study=cnn3", "study=cnn3 storage=postgresql://search@db/optuna "
@@ -34,7 +30,7 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(help_text("search.sync", SUMMARY, KEYS, EXAMPLES, options=()))
         return 0
-    source = open_source(command_overrides(argv, "search.sync", KEYS))
+    source = open_source(checked(KEYS, command_overrides(argv, "search.sync", KEYS)))
     config = source.config
     if not config.tracking_enabled:
         raise SearchError("tracking_uri=none: there is no MLflow store to sync to; give "

@@ -16,16 +16,13 @@ from pathlib import Path
 
 from search.analysis.compose import MODELS_FOLDER
 from search.analysis.final_models import find_trial, final_models_hook, retrain_trial
-from search.config.command_line import (
-    KEY_HELP,
-    command_overrides,
-    help_text,
-    run_command,
-)
+from search.config.command_keys import LOCATION_KEYS
+from search.config.command_keys import TRAIN as KEYS
+from search.config.command_line import command_overrides, help_text, run_command
 from search.config.errors import SearchError
-from search.config.settings import flag, whole
+from search.config.keys import checked, with_defaults
 from search.config.urls import writable_folder
-from search.storage.reading import LOCATION_KEYS, open_source
+from search.storage.reading import open_source
 from search.storage.studies import quiet_optuna
 from search.training.loop import resolve_device
 from search.training.classifier import model_file
@@ -34,17 +31,6 @@ from search.training.results import mean_and_std
 SUMMARY = ("Trains one trial's configuration again with the trainer the search used: on the "
            "training split with the trial's seed, reporting validation accuracy next to what the "
            "search recorded, or with full=true on train + validation, evaluated once on the test set.")
-KEYS = {
-    "study": KEY_HELP["study"],
-    "trial": "the trial number to train again (required)",
-    "storage": KEY_HELP["storage"],
-    "study_name": KEY_HELP["study_name"],
-    "seeds": "training runs with different seeds; the first is the trial's own (default: 1)",
-    "full": "true: train on train + validation, evaluate on the test set, keep the models (default: false)",
-    "out": "with full=true, models are saved in OUT/<study_name>/models/ (default: reports)",
-    "device": KEY_HELP["device"],
-    "data_dir": "where the dataset is (default: as the study ran)",
-}
 EXAMPLES = ["study=cnn3 trial=42", "study=cnn3 trial=42 seeds=3",
             "study=cnn3 trial=42 full=true seeds=3 device=cuda"]
 
@@ -56,15 +42,15 @@ def main(argv: list[str]) -> int:
     overrides = command_overrides(argv, "search.train", KEYS)
     if "trial" not in overrides:
         raise SearchError("no trial given: add trial=NUMBER (the report's top table lists them).")
-    number = whole(0)("trial", overrides["trial"])
-    seeds = whole(1, 1000)("seeds", overrides.get("seeds", 1))
-    full = flag("full", overrides.get("full", False))
+    overrides = checked(KEYS, overrides)
+    values = with_defaults(KEYS, overrides)
+    number, seeds, full = values["trial"], values["seeds"], values["full"]
     if "device" in overrides:  # placed on this machine up front, before any study is read
         resolve_device(overrides["device"])
     quiet_optuna()
     source = open_source({k: v for k, v in overrides.items() if k in LOCATION_KEYS})
     find_trial(source, number)  # a trial that is not there is refused before any folder or run
-    save_dir = Path(str(overrides.get("out", "reports"))) / source.config.study_name / MODELS_FOLDER
+    save_dir = Path(str(values["out"])) / source.config.study_name / MODELS_FOLDER
     if full:
         writable_folder(save_dir, "out")
     outcome = retrain_trial(source, number, seeds=seeds, full=full, save_dir=save_dir,

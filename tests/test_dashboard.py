@@ -134,7 +134,7 @@ def test_command_starts_the_dashboard_with_the_artifact_store(small_study, monke
 
 @pytest.mark.parametrize("args, message", [
     (["study_name=nope"], "no study named 'nope' in"),
-    (["port=http"], "port=http: expected a port number"),
+    (["port=http"], "port='http': expected a port number from 1 to 65535"),
 ])
 def test_command_errors_are_one_clear_line(small_study, capsys, args, message):
     config, _ = small_study

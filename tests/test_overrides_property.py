@@ -12,14 +12,14 @@ from hypothesis import strategies as st
 
 from search.config.errors import SearchError
 from search.config.params import PARAMS
+from search.config.keys import declared
 from search.config.settings import SECTIONS, SETTINGS, StudyConfig, load_config
 
 FIELDS = ("type", "low", "high", "log", "step", "choices", "when", "ranges",
           "ranges.optimizer", "ranges.optimizer.sgd")
 KNOWN_KEYS = [
     *SETTINGS,
-    *[f"{section}.{name}" for section, (cls, _) in SECTIONS.items()
-      for name in cls.__dataclass_fields__],
+    *[f"{section}.{name}" for section, record in SECTIONS.items() for name in declared(record)],
     *[f"space.{name}" for name in PARAMS],
     *[f"space.{name}.{field}" for name in PARAMS for field in FIELDS],
 ]

@@ -164,10 +164,13 @@ def test_every_parameter_read_by_the_code_has_one_owner():
     assert tuple(registry.OPTIMIZERS) == registry.PARAMS["optimizer"].choices
 
 
-def test_model_activations_match_the_registry():
+def test_every_activation_of_the_registry_is_a_torch_module():
+    from torch import nn
+
     from search.training.models import ACTIVATIONS
 
-    assert tuple(ACTIVATIONS) == registry.ACTIVATIONS
+    assert registry.PARAMS["activation"].choices == tuple(ACTIVATIONS)
+    assert all(issubclass(module, nn.Module) for module in ACTIVATIONS.values())
 
 
 def bare_attribute_keys(path: Path) -> list[str]:

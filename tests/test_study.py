@@ -20,7 +20,7 @@ from search.config.urls import StoreUrl
 from search.runner import objective as objective_module
 from search.runner.objective import Objective, TrialFailed
 from search.storage.checks import check_storage, open_if_exists
-from search.storage.strategy import make_pruner
+from search.config.strategies import make_pruner
 from search.storage.studies import make_storage, open_study
 from search.training import loop as loop_module
 from search.training.loop import Speed
@@ -75,7 +75,7 @@ def test_pruners_use_epochs_as_resource():
                       ("successive_halving", optuna.pruners.SuccessiveHalvingPruner),
                       ("median", optuna.pruners.MedianPruner), ("patient", optuna.pruners.PatientPruner),
                       ("none", optuna.pruners.NopPruner)):
-        assert isinstance(make_pruner(load_config(["study=cnn3", f"pruner={name}"])), cls)
+        assert isinstance(make_pruner(load_config(["study=cnn3", f"pruner={name}"]).pruner, 10), cls)
 
 
 def test_sqlite_storage_writes_ahead_and_others_read_it(storage, tmp_path):
@@ -128,7 +128,7 @@ def test_hyperband_reads_the_storage_once_per_trial_and_decides_as_optunas(tmp_p
         "Optuna no longer has HyperbandPruner._create_bracket_study: "
         "search.storage.studies.HyperbandPruner must be rewritten for this Optuna version")
     config = load_config(["study=cnn3", "epochs=9", "pruner=hyperband"])
-    ours, our_reads = _ask_tell(make_pruner(config), f"sqlite:///{tmp_path}/ours.db", 12)
+    ours, our_reads = _ask_tell(make_pruner(config.pruner, config.epochs), f"sqlite:///{tmp_path}/ours.db", 12)
     theirs, their_reads = _ask_tell(optuna.pruners.HyperbandPruner(max_resource=9),
                                     f"sqlite:///{tmp_path}/optuna.db", 12)
     assert ours == theirs  # the same points sampled, the same trials pruned

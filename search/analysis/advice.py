@@ -248,7 +248,7 @@ def _follow(spec: ParamSpec, far: float, widened: float, current: float, top: Se
 
 
 def _registry_limits(param: Param) -> tuple[float | None, float | None]:
-    if param.kind == "choice":
+    if param.kind == "categorical":
         numbers = [c for c in param.choices if isinstance(c, (int, float))]
         return (min(numbers), max(numbers)) if numbers else (None, None)
     return param.low, param.high

@@ -8,27 +8,29 @@ import contextlib
 import os
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 from search.config.errors import SearchError
 from search.config.params import PARAMS
-from search.config.settings import SETTINGS, available_studies, parse_overrides
+from search.config.keys import Key
+from search.config.settings import available_studies, parse_overrides, study_keys
 from search.config.urls import masked
 
-# Shown by --help for every key a study file or an override may set.
-KEY_HELP = {key: setting.help for key, setting in SETTINGS.items() if key != "baselines"}
+# Every key a study file or an override may set, as declared (baselines are written in a file).
+STUDY_KEYS = {name: k for name, k in study_keys().items() if name != "baselines"}
 
 
-def help_text(command: str, summary: str, keys: dict[str, str], examples: list[str],
+def help_text(command: str, summary: str, keys: dict[str, Key], examples: list[str],
               options: tuple[str, ...] = ("--cfg",), with_params: bool = False) -> str:
-    """The --help page: keys, (for search.run) every searchable parameter, studies, examples."""
+    """The --help page: keys as declared, (for search.run) every searchable parameter, studies,
+    examples."""
     width = max(len(k) for k in keys) + 2
     flags = "".join(f" [{o}]" for o in (*options, "--help"))
     lines = [f"usage: python -m {command} study=NAME [key=value ...]{flags}", "",
              textwrap.fill(summary, 96), "", "keys:"]
-    for key, text in keys.items():
-        lines += textwrap.wrap(text, 100, initial_indent=f"  {key:<{width}}",
+    for name, declared_key in keys.items():
+        lines += textwrap.wrap(declared_key.help_line(), 100, initial_indent=f"  {name:<{width}}",
                                subsequent_indent=" " * (width + 2))
     if with_params:
         lines += ["", "parameters (space.NAME; which ones a study may use depends on its model):"]
@@ -81,8 +83,10 @@ def run_command(body: Callable[[list[str]], int]) -> NoReturn:
     os._exit(status)
 
 
-def command_overrides(argv: list[str], command: str, keys: dict[str, str]) -> dict[str, Any]:
-    """`key=value` words of a command with its own small set of keys (report, train), checked."""
+def command_overrides(argv: list[str], command: str, keys: Mapping[str, Any]) -> dict[str, Any]:
+    """`key=value` words of a command with its own small set of keys (report, train; the
+    benchmarks), each key one of `keys`; the values as given (`search.config.keys.checked`
+    checks them against their declarations)."""
     options = [a for a in argv if a.startswith("-")]
     if options:
         raise SearchError(f"unknown option {options[0]}; options: --help.")

@@ -24,7 +24,11 @@ from typing import Any
 
 from search.config.errors import SearchError, shown
 
-KINDS = ("float", "int", "bool", "choice")
+# The kinds of value, one vocabulary for the registry and the space: a space entry's `type:` is
+# one of the distributions Optuna samples (its words); a parameter is one of those or a bool
+# (which a space searches as {type: categorical, choices: [true, false]}).
+DISTRIBUTIONS = ("float", "int", "categorical")
+KINDS = (*DISTRIBUTIONS, "bool")
 
 
 def is_finite(value: int | float) -> bool:
@@ -42,11 +46,12 @@ class Param:
 
     Attributes:
         name: The name in study files, overrides, Optuna, the dashboard and MLflow.
-        kind: "float", "int" (a whole number), "bool" or "choice" (one of `choices`).
+        kind: One of `KINDS`: "float", "int" (a whole number), "categorical" (one of
+            `choices`) or "bool".
         help: What it means, for --help, the report and the dashboard note.
         low, high: Bounds of a number (None: unbounded on that side).
         low_open, high_open: Whether the bound itself is excluded (dropout < 1, lr > 0).
-        choices: The values a "choice" parameter may take.
+        choices: The values a "categorical" parameter may take.
         grows_model: Larger values make a bigger model (the dry run builds the extremes).
         headline: Shown first in a trial's one-line summary, in registry order.
     """
@@ -62,11 +67,15 @@ class Param:
     grows_model: bool = False
     headline: bool = False
 
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"{self.name}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
+
     def valid(self) -> str:
         """The valid values in words: '[0, 1)', 'an integer >= 1', 'one of relu, silu'."""
         if self.kind == "bool":
             return "true or false"
-        if self.kind == "choice":
+        if self.kind == "categorical":
             return "one of [" + ", ".join(str(c) for c in self.choices) + "]"
         noun = "an integer" if self.kind == "int" else "a number"
         if self.low == 0 and self.low_open and self.high is None:
@@ -82,7 +91,7 @@ class Param:
         """Why `value` is not valid for this parameter, or None when it is."""
         if self.kind == "bool":
             return None if isinstance(value, bool) else f"must be {self.valid()}"
-        if self.kind == "choice":
+        if self.kind == "categorical":
             ok = any(value == c and type(value) is type(c) for c in self.choices)
             return None if ok else f"must be {self.valid()}"
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -117,11 +126,15 @@ def _unit(name: str, help: str, **kw: Any) -> Param:
 
 
 KERNEL_SIZES = (3, 5, 7)  # odd, so k // 2 padding keeps the size ("same")
-ACTIVATIONS = ("relu", "leaky_relu", "silu", "swish", "gelu")  # swish is silu's other name
+# Each activation's name and the `torch.nn` module that computes it (named, not imported: this
+# layer stays torch-free; `search.training.models` looks them up).
+ACTIVATIONS = {"relu": "ReLU", "leaky_relu": "LeakyReLU", "silu": "SiLU",
+               "swish": "SiLU",  # the same function under its other common name
+               "gelu": "GELU"}
 
 # In the order a person scans a trial: the headline parameters first.
 _ALL = (
-    Param("optimizer", "choice", "the optimizer; each has its own parameters below",
+    Param("optimizer", "categorical", "the optimizer; each has its own parameters below",
           choices=("sgd", "adam", "adamw", "rmsprop", "adagrad"), headline=True),
     Param("lr", "float", "learning rate (peak, before the schedule)", low=0.0, low_open=True,
           headline=True),
@@ -134,7 +147,7 @@ _ALL = (
     _unit("beta1", "Adam/AdamW first-moment decay"),
     _unit("beta2", "Adam/AdamW second-moment decay"),
     _unit("alpha", "RMSprop smoothing constant"),
-    Param("schedule", "choice", "learning-rate schedule over the epoch budget, per step",
+    Param("schedule", "categorical", "learning-rate schedule over the epoch budget, per step",
           choices=("none", "cosine", "step")),
     Param("step_size", "int", "epochs between decays of the step schedule", low=1, high=100_000),
     Param("gamma", "float", "decay factor of the step schedule", low=0.0, low_open=True, high=1.0),
@@ -143,7 +156,7 @@ _ALL = (
           "on lr; the knobs then barely interact"),
     Param("augment", "bool", "random 4-pixel crops and horizontal flips"),
     _unit("label_smoothing", "label smoothing of the cross-entropy loss"),
-    *(Param(f"kernel_size_{i}", "choice", f"kernel size of cnn3's conv block {i}",
+    *(Param(f"kernel_size_{i}", "categorical", f"kernel size of cnn3's conv block {i}",
             choices=KERNEL_SIZES, grows_model=True) for i in (1, 2, 3)),
     *(Param(f"width_{i}", "int", f"output channels of cnn3's conv block {i}", low=1, high=4096,
             grows_model=True) for i in (1, 2, 3)),
@@ -153,10 +166,10 @@ _ALL = (
           grows_model=True),
     _unit("dropout", "dropout before each linear layer of the head"),
     Param("batch_norm", "bool", "batch norm after each conv of cnn3 (else conv biases)"),
-    Param("activation", "choice", "activation function", choices=ACTIVATIONS),
+    Param("activation", "categorical", "activation function", choices=tuple(ACTIVATIONS)),
     Param("width_multiplier", "float", "scales resnet20's 16/32/64 channels", low=0.0,
           low_open=True, high=16.0, grows_model=True),
-    Param("stem_kernel_size", "choice", "kernel size of resnet20's first conv",
+    Param("stem_kernel_size", "categorical", "kernel size of resnet20's first conv",
           choices=KERNEL_SIZES, grows_model=True),
 )
 PARAMS: dict[str, Param] = {p.name: p for p in _ALL}

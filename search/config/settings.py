@@ -1,8 +1,11 @@
 """Study configuration: a YAML file under `studies/`, edited by `key=value` overrides, validated
 into frozen dataclasses before anything touches a storage.
 
-Every top-level key is one `Setting` in `SETTINGS` (default, help text, check), and every
-hyperparameter one `search.config.params.Param`; --help, validation and the defaults all read those.
+Every top-level key is one field of `StudyConfig`, declared there with its type, help, default
+and constraint (`search.config.keys.key`); the keys of the `sampler:` and `pruner:` sections are
+the fields of `SamplerConfig` and `PrunerConfig` (`search.config.strategies`), and every
+hyperparameter is one `search.config.params.Param`. Validation, the defaults, --help and the
+docs' key tables all read those declarations.
 
 OmegaConf (not Hydra) does the merging and parses override values (YAML, plus numbers such as
 `1e-3`): Hydra would own the process (working directory, logging, its own sweeper that hides the
@@ -16,8 +19,7 @@ import difflib
 import hashlib
 import json
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,220 +28,93 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from search.config.datasets import DATASETS, DEFAULT_DATA_DIR
+from search.config.devices import ALLOWED as DEVICES
 from search.config.devices import device_word
 from search.config.errors import SearchError, shown
+from search.config.keys import (
+    Flag,
+    Function,
+    GpuList,
+    Key,
+    OneOf,
+    Optional,
+    Seconds,
+    StudyNames,
+    Text,
+    Whole,
+    declare,
+    declared,
+)
 from search.config.params import MODELS, known_params
 from search.config.space import ParamSpec, check_baseline, parse_space
+from search.config.strategies import PrunerConfig, SamplerConfig
 from search.config.urls import DEFAULTS, StoreUrl, store_url
 
-SAMPLERS = ("tpe", "random", "gp")
-PRUNERS = ("hyperband", "median", "successive_halving", "patient", "none")
 MAX_SEED = 2**31 - 1  # numpy's and Optuna's samplers take 32-bit seeds; trial seeds add to it
-
-
-# ---------------------------------------------------------------- checks of single values
-
-Check = Callable[[str, Any], Any]
-
-
-def _fail(key: str, value: Any, allowed: str) -> SearchError:
-    return SearchError(f"{key}={shown(value)}: expected {allowed}.")
-
-
-def whole(minimum: int, maximum: int | None = None, what: str = "a whole number") -> Check:
-    allowed = f"{what} >= {minimum}" + (f" and <= {maximum:,}" if maximum is not None else "")
-
-    def check(key: str, value: Any) -> int:
-        if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
-                or (maximum is not None and value > maximum)):
-            raise _fail(key, value, allowed)
-        return value
-    return check
-
-
-def seconds(key: str, value: Any) -> float:
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
-            or value == float("inf")):
-        raise _fail(key, value, "a number of seconds > 0, or null")
-    return float(value)
-
-
-def text(what: str) -> Check:
-    def check(key: str, value: Any) -> str:
-        if not isinstance(value, str) or not value.strip():
-            raise _fail(key, value, what)
-        return value
-    return check
-
-
-def flag(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _fail(key, value, "true or false")
-    return value
-
-
-def one_of(allowed: tuple[str, ...]) -> Check:
-    def check(key: str, value: Any) -> str:
-        if value not in allowed or not isinstance(value, str):
-            hint = difflib.get_close_matches(str(value), allowed, n=1)
-            raise SearchError(f"{key}={shown(value)}: unknown value"
-                              + (f" (did you mean '{hint[0]}'?)" if hint else "")
-                              + f"; allowed: {', '.join(allowed)}.")
-        return value
-    return check
-
-
-def optional(check: Check) -> Check:
-    return lambda key, value: None if value is None else check(key, value)
-
-
-def study_names(key: str, value: Any) -> tuple[str, ...]:
-    """`name` or `[a, b]` (or `a,b`) -> names of studies."""
-    names = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else None
-    if not names or not all(isinstance(n, str) and n.strip() for n in names):
-        raise _fail(key, value, "a study name or a list of them, e.g. [cnn3-fast, cnn3-wide]")
-    return tuple(n.strip() for n in names)
-
-
-def gpu_list(key: str, value: Any) -> tuple[int, ...]:
-    """`[0,1]` or `0,1` (or one id) -> (0, 1): distinct GPU ids."""
-    items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
-    try:
-        ids = tuple(int(str(item).strip()) for item in items if not isinstance(item, bool))
-    except ValueError:
-        ids = ()
-    if not ids or len(ids) != len(items) or min(ids) < 0 or len(set(ids)) != len(ids):
-        raise _fail(key, value, "distinct GPU ids >= 0, e.g. gpus=[0,1] or gpus=0,1")
-    return ids
-
-
-@dataclass(frozen=True)
-class Setting:
-    """A key of a study file or an override: its default, its --help line, how it is checked."""
-
-    default: Any
-    help: str
-    check: Check | None = None          # None: a section checked as a whole (space, ...)
-
-
-SETTINGS: dict[str, Setting] = {
-    "study": Setting(None, "study file under studies/ (or a path to a .yaml file)"),
-    "model": Setting(None, " | ".join(MODELS), one_of(tuple(MODELS))),
-    "dataset": Setting(None, " | ".join(DATASETS), one_of(tuple(DATASETS))),
-    "data_dir": Setting(str(DEFAULT_DATA_DIR), "where datasets live / are downloaded to (default: "
-                        "data; only the default falls back to a system copy)",
-                        text("a directory path")),
-    "val_size": Setting(None, "validation images carved from the training set (default: 5000; "
-                              "fake: 256)", optional(whole(1, what="a whole number of images"))),
-    "epochs": Setting(10, "most epochs a trial trains: the pruner's max resource",
-                      whole(1, 100_000, "a whole number of epochs")),
-    "n_trials": Setting(20, "finished (complete + pruned) trials the study should have",
-                        whole(1, 1_000_000, "a whole number of trials")),
-    "timeout": Setting(None, "seconds after which no new trial starts (default: none)",
-                       optional(seconds)),
-    "seed": Setting(0, "seeds the sampler, the validation split and every trial",
-                    whole(0, MAX_SEED)),
-    "device": Setting("auto", "auto | cpu | cuda | cuda:N (auto: CUDA when present)",
-                      device_word),
-    "workers": Setting(1, "trial processes run at once against the same storage",
-                       whole(1, 4096, what="a whole number of processes")),
-    "gpus": Setting(None, "GPUs to place trial processes on, e.g. gpus=[0,1] or gpus=0,1: "
-                          "workers_per_gpu processes each, with CUDA_VISIBLE_DEVICES set",
-                    optional(gpu_list)),
-    "workers_per_gpu": Setting(1, "trial processes per GPU with gpus= (default: 1)",
-                               whole(1, 64, what="a whole number of processes")),
-    "storage": Setting(None, f"Optuna storage URL (default: $SEARCH_STORAGE, else "
-                             f"{DEFAULTS['storage']})",
-                       optional(text("an Optuna storage URL such as sqlite:///path/to.db"))),
-    "study_name": Setting(None, "name in the storage (default: the study file's name)",
-                          optional(text("a non-empty name"))),
-    "tracking_uri": Setting(None, f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
-                            f"{DEFAULTS['tracking_uri']}); none = off",
-                            optional(text("an MLflow tracking URI or 'none'"))),
-    "max_params": Setting(None, "size budget: a sampled model with more parameters is never "
-                                "trained and does not count toward n_trials; the sampler learns "
-                                "to avoid it (default: none)",
-                          optional(whole(1, what="a whole number of parameters"))),
-    "warm_start": Setting(None, "other studies in the same storage whose best configurations "
-                                "run first in a new study, e.g. warm_start=cnn3-fast or "
-                                "warm_start=[a,b]", optional(study_names)),
-    "warm_start_top_k": Setting(3, "configurations taken from each warm_start study (default: 3)",
-                                whole(1, 1000, what="a whole number of configurations")),
-    "checkpoint_every": Setting(30, "seconds between checkpoints of a running trial, from which "
-                                "its retry resumes if its process dies (0: every epoch; null: "
-                                "none)", optional(whole(0, what="a whole number of seconds"))),
-    "dry_run": Setting(False, "true: build the smallest and largest model, push one batch, stop",
-                       flag),
-    "sampler": Setting(None, " | ".join(SAMPLERS) + "   (sampler.n_startup_trials=N)"),
-    "pruner": Setting(None, " | ".join(PRUNERS) + "   (pruner.min_resource, pruner."
-                      "reduction_factor, pruner.n_startup_trials, pruner.n_warmup_steps, "
-                      "pruner.patience)"),
-    "space": Setting({}, "the search space: space.NAME.FIELD edits an entry (low, high, log, "
-                         "step, choices); space.NAME=VALUE fixes a parameter"),
-    "baselines": Setting([], "hand-tuned configurations run first in a new study"),
-}
-SHORTHANDS = {"sampler": "sampler.name", "pruner": "pruner.name"}
-# The part of the config that defines what a trial's value means; resuming with other values
-# would mix incomparable trials in one study.
-FINGERPRINT_KEYS = ("model", "dataset", "val_size", "epochs", "seed", "pruner", "space")
-
-
-@dataclass(frozen=True)
-class SamplerConfig:
-    name: str = "tpe"
-    n_startup_trials: int = 10
-
-
-@dataclass(frozen=True)
-class PrunerConfig:
-    name: str = "hyperband"
-    min_resource: int = 1
-    reduction_factor: int = 3
-    n_startup_trials: int = 5
-    n_warmup_steps: int = 2
-    patience: int = 5
-
-
-SECTIONS = {"sampler": (SamplerConfig, one_of(SAMPLERS)), "pruner": (PrunerConfig, one_of(PRUNERS))}
-
-
-def defaults() -> dict[str, Any]:
-    """Every top-level key with its default; sampler and pruner as their dataclasses' fields."""
-    tree = {key: setting.default for key, setting in SETTINGS.items()}
-    for section, (cls, _) in SECTIONS.items():
-        tree[section] = {f.name: f.default for f in fields(cls)}
-    return tree
 
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """A fully resolved, validated study. `raw` keeps the merged tree for printing and hashing."""
+    """A fully resolved, validated study: every top-level key of a study file, declared once
+    (help, default, constraint; `search.config.keys`). `raw` keeps the merged tree for printing
+    and hashing."""
 
-    study: str
-    model: str
-    dataset: str
-    data_dir: str
-    val_size: int | None
-    epochs: int
-    n_trials: int
-    timeout: float | None
-    seed: int
-    device: str
-    workers: int
-    gpus: tuple[int, ...] | None
-    workers_per_gpu: int
-    storage: StoreUrl
-    study_name: str
-    tracking_uri: StoreUrl
-    max_params: int | None
-    warm_start: tuple[str, ...] | None
-    warm_start_top_k: int
-    checkpoint_every: int | None
-    dry_run: bool
-    sampler: SamplerConfig
-    pruner: PrunerConfig
-    space: tuple[ParamSpec, ...]
-    baselines: tuple[dict[str, Any], ...]
+    study: str = declare("study file under studies/ (or a path to a .yaml file)")
+    model: str = declare(" | ".join(MODELS), check=OneOf(tuple(MODELS)))
+    dataset: str = declare(" | ".join(DATASETS), check=OneOf(tuple(DATASETS)))
+    data_dir: str = declare(
+        "where datasets live / are downloaded to; only the default falls back to a system copy",
+        str(DEFAULT_DATA_DIR), Text("a directory path"))
+    val_size: int | None = declare(
+        "validation images carved from the training set (default: 5000; fake: 256)",
+        check=Optional(Whole(1, what="a whole number of images")))
+    epochs: int = declare("most epochs a trial trains: the pruner's max resource", 10,
+                          Whole(1, 100_000, "a whole number of epochs"))
+    n_trials: int = declare("finished (complete + pruned) trials the study should have", 20,
+                            Whole(1, 1_000_000, "a whole number of trials"))
+    timeout: float | None = declare("seconds after which no new trial starts (default: none)",
+                                    check=Optional(Seconds()))
+    seed: int = declare("seeds the sampler, the validation split and every trial", 0,
+                        Whole(0, MAX_SEED))
+    device: str = declare("auto | cpu | cuda | cuda:N (auto: CUDA when present)", "auto",
+                          Function(device_word, DEVICES))
+    workers: int = declare("trial processes run at once against the same storage", 1,
+                           Whole(1, 4096, what="a whole number of processes"))
+    gpus: tuple[int, ...] | None = declare(
+        "GPUs to place trial processes on, e.g. gpus=[0,1] or gpus=0,1: workers_per_gpu "
+        "processes each, with CUDA_VISIBLE_DEVICES set", check=Optional(GpuList()))
+    workers_per_gpu: int = declare("trial processes per GPU with gpus=", 1,
+                                   Whole(1, 64, what="a whole number of processes"))
+    storage: StoreUrl = declare(
+        f"Optuna storage URL (default: $SEARCH_STORAGE, else {DEFAULTS['storage']})",
+        check=Optional(Text("an Optuna storage URL such as sqlite:///path/to.db")))
+    study_name: str = declare("name in the storage (default: the study file's name)",
+                              check=Optional(Text("a non-empty name")))
+    tracking_uri: StoreUrl = declare(
+        f"MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else {DEFAULTS['tracking_uri']}); "
+        "none = off", check=Optional(Text("an MLflow tracking URI or 'none'")))
+    max_params: int | None = declare(
+        "size budget: a sampled model with more parameters is never trained and does not count "
+        "toward n_trials; the sampler learns to avoid it (default: none)",
+        check=Optional(Whole(1, what="a whole number of parameters")))
+    warm_start: tuple[str, ...] | None = declare(
+        "other studies in the same storage whose best configurations run first in a new study, "
+        "e.g. warm_start=cnn3-fast or warm_start=[a,b]", check=Optional(StudyNames()))
+    warm_start_top_k: int = declare("configurations taken from each warm_start study", 3,
+                                    Whole(1, 1000, what="a whole number of configurations"))
+    checkpoint_every: int | None = declare(
+        "seconds between checkpoints of a running trial, from which its retry resumes if its "
+        "process dies (0: every epoch; null: none)", 30,
+        Optional(Whole(0, what="a whole number of seconds")))
+    dry_run: bool = declare("true: build the smallest and largest model, push one batch, stop",
+                            False, Flag())
+    sampler: SamplerConfig = declare("the sampler", section=SamplerConfig)
+    pruner: PrunerConfig = declare("the pruner", section=PrunerConfig)
+    space: tuple[ParamSpec, ...] = declare(
+        "the search space: space.NAME.FIELD edits an entry (low, high, log, step, choices); "
+        "space.NAME=VALUE fixes a parameter", {})
+    baselines: tuple[dict[str, Any], ...] = declare(
+        "hand-tuned configurations run first in a new study", [])
     skipped_baselines: tuple[str, ...] = ()
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -265,6 +140,37 @@ class StudyConfig:
     def fingerprint(self) -> str:
         text = json.dumps(self.fingerprint_source(), sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# Every top-level key of a study, as StudyConfig declares it.
+SETTINGS: dict[str, Key] = declared(StudyConfig)
+# The sections whose fields are keys of their own (sampler.n_startup_trials, pruner.patience).
+SECTIONS: dict[str, type] = {name: k.section for name, k in SETTINGS.items() if k.section}
+SHORTHANDS = {section: f"{section}.name" for section in SECTIONS}  # sampler=random
+# The part of the config that defines what a trial's value means; resuming with other values
+# would mix incomparable trials in one study.
+FINGERPRINT_KEYS = ("model", "dataset", "val_size", "epochs", "seed", "pruner", "space")
+
+
+def defaults() -> dict[str, Any]:
+    """Every top-level key with its default; sampler and pruner as their sections' defaults."""
+    tree = {name: k.default for name, k in SETTINGS.items()}
+    for section, record in SECTIONS.items():
+        tree[section] = {name: k.default for name, k in declared(record).items()}
+    return tree
+
+
+def study_keys() -> dict[str, Key]:
+    """Every key --help and the docs list, in order: a section as its name (`sampler`, which
+    sets `sampler.name`) followed by its other fields (`sampler.n_startup_trials`)."""
+    keys: dict[str, Key] = {}
+    for name, k in SETTINGS.items():
+        if k.section is None:
+            keys[name] = k
+            continue
+        for field_name, field_key in declared(k.section).items():
+            keys[name if field_name == "name" else f"{name}.{field_name}"] = field_key
+    return keys
 
 
 # ---------------------------------------------------------------- finding study files
@@ -350,7 +256,7 @@ def valid_keys(tree: dict[str, Any]) -> list[str]:
     for key, value in tree.items():
         keys.append(key)
         if key in SECTIONS:
-            keys += [f"{key}.{f.name}" for f in fields(SECTIONS[key][0])]
+            keys += [f"{key}.{name}" for name in declared(SECTIONS[key])]
         elif key == "space":
             for name, entry in value.items():
                 keys.append(f"space.{name}")
@@ -447,19 +353,19 @@ def resolve_tree(overrides: list[tuple[str, Any]], default_study: str | None = N
 
 
 def _section(name: str, data: Any) -> Any:
-    """`sampler` or `pruner`: its name among the allowed ones, its other keys whole numbers."""
-    cls, check_name = SECTIONS[name]
+    """`sampler` or `pruner`: each of its keys checked as its record declares it (`name` is
+    quoted as the section itself: `sampler=...`); keys it leaves out take their defaults."""
+    record = SECTIONS[name]
     if not isinstance(data, dict):
         raise SearchError(f"{name}={shown(data)}: expected a name or a mapping of {name} settings.")
-    allowed = [f.name for f in fields(cls)]
-    for key, value in data.items():
-        if key not in allowed:
-            raise SearchError(f"{name}.{key}: unknown key; allowed: {', '.join(allowed)}.")
-        if key == "name":
-            check_name(name, value)
-        else:
-            whole(0 if key == "n_warmup_steps" else 1)(f"{name}.{key}", value)
-    return cls(**data)
+    keys = declared(record)
+    values = {}
+    for field_name, value in data.items():
+        if field_name not in keys:
+            raise SearchError(f"{name}.{field_name}: unknown key; allowed: {', '.join(keys)}.")
+        values[field_name] = keys[field_name].check(
+            name if field_name == "name" else f"{name}.{field_name}", value)
+    return record(**{**{k: d.default for k, d in keys.items()}, **values})
 
 
 def build_config(tree: dict[str, Any]) -> StudyConfig:

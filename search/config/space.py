@@ -16,9 +16,8 @@ from typing import Any
 import optuna
 
 from search.config.errors import SearchError, shown
-from search.config.params import ALIASES, PARAMS, Param, is_finite, known_params
+from search.config.params import ALIASES, DISTRIBUTIONS, PARAMS, Param, is_finite, known_params
 
-KINDS = ("float", "int", "categorical")
 _FIELDS = {
     "float": {"type", "low", "high", "log", "step", "when", "ranges"},
     "int": {"type", "low", "high", "log", "step", "when", "ranges"},
@@ -30,7 +29,7 @@ _FIELDS = {
 class ParamSpec:
     """One searchable (or fixed) hyperparameter.
 
-    `kind` is "float", "int", "categorical" or "fixed"; `when` maps a parent parameter to the
+    `kind` is one of `DISTRIBUTIONS` ("float", "int", "categorical") or "fixed"; `when` maps a parent parameter to the
     values for which this one is active. A number's range may depend on an earlier parameter
     (`ranges_by`): `ranges` holds (value of that parameter, low, high), and `low`/`high` are the
     range for the values not listed (None when every value is listed).
@@ -134,8 +133,8 @@ def parse_param(name: str, entry: Any, earlier: Sequence[str]) -> ParamSpec:
             raise _fail(name, "a list is not a value; write {type: categorical, choices: [...]}.")
         return ParamSpec(name=name, kind="fixed", value=entry)
     kind = entry.get("type")
-    if kind not in KINDS:
-        raise _fail(name, f"'type' must be one of {', '.join(KINDS)} (got {kind!r}); "
+    if kind not in DISTRIBUTIONS:
+        raise _fail(name, f"'type' must be one of {', '.join(DISTRIBUTIONS)} (got {kind!r}); "
                           "a plain value instead of a mapping fixes the parameter.")
     unknown = sorted(set(entry) - _FIELDS[kind])
     if unknown:
@@ -294,12 +293,12 @@ def _check_values(spec: ParamSpec, param: Param) -> None:
         values = [spec.value]
     elif spec.kind == "categorical":
         values = list(spec.choices)
-    elif param.kind in ("bool",) or (param.kind == "choice" and spec.kind == "float"):
+    elif param.kind in ("bool",) or (param.kind == "categorical" and spec.kind == "float"):
         raise _fail(spec.name, f"a {spec.kind} range cannot give {param.valid()}; write "
                                "{type: categorical, choices: [...]}.")
     elif param.kind == "int" and spec.kind == "float":
         raise _fail(spec.name, f"{spec.name} is {param.valid()}: use type: int or categorical.")
-    elif param.kind == "choice":  # an int range over allowed sizes, e.g. 3..7 step 2
+    elif param.kind == "categorical":  # an int range over allowed sizes, e.g. 3..7 step 2
         spans = [range(low, high + 1, spec.step or 1) for low, high in spec.all_bounds()]
         if sum(map(len, spans)) > len(param.choices) * len(spans):  # before listing a huge one
             raise _fail(spec.name, f"the range gives values that are not {param.valid()}; list "

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 import optuna
 
+from search.config.command_keys import LOCAL_KEYS, LOCATION_KEYS
 from search.config.errors import SearchError, first_line
 from search.config.settings import SETTINGS, StudyConfig, build_config, resolve_tree
 from search.config.urls import StoreUrl, check_writable, masked
@@ -21,10 +22,6 @@ from search.storage.backends import DatabaseLock
 from search.storage.checks import table_names
 from search.storage.trials import StudyAttr
 
-# Keys that say where things are on this machine, not what the study is: a user may point
-# them elsewhere when reading a study (another data folder, another device, another MLflow).
-LOCAL_KEYS = ("data_dir", "device", "tracking_uri")
-LOCATION_KEYS = ("study", "storage", "study_name", *LOCAL_KEYS)
 
 
 class StudySource(NamedTuple):

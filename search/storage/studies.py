@@ -23,7 +23,7 @@ from search.config.urls import StoreUrl
 from search.storage.backends import DatabaseLock, write_ahead_log
 from search.storage.checks import check_unchanged, is_created
 from search.storage.recovery import retry, this_process
-from search.storage.strategy import make_pruner, make_sampler
+from search.config.strategies import make_pruner, make_sampler
 from search.storage.trials import FINISHED, StudyAttr, TrialAttr
 
 
@@ -139,7 +139,7 @@ def open_study(config: StudyConfig) -> tuple[optuna.Study, bool, int]:
     except optuna.exceptions.DuplicatedStudyError:
         pass  # made by another process, a moment ago or long ago, completely or half-way
     study = optuna.load_study(study_name=config.study_name, storage=storage,
-                              pruner=make_pruner(config))
+                              pruner=make_pruner(config.pruner, config.epochs))
     with DatabaseLock(config.storage, f"trials:{config.study_name}"):
         created = not is_created(storage, storage.get_study_id_from_name(config.study_name))
         if created:
@@ -148,7 +148,7 @@ def open_study(config: StudyConfig) -> tuple[optuna.Study, bool, int]:
             check_unchanged(config, study.user_attrs)
             _requeue_interrupted_baselines(study, config)
     seed = config.seed if created else process_seed(config.seed, len(study.get_trials(deepcopy=False)))
-    study.sampler = make_sampler(config, seed)
+    study.sampler = make_sampler(config.sampler, seed)
     return study, created, seed
 
 

@@ -27,18 +27,14 @@ from torch import nn
 
 from search.config.errors import SearchError
 from search.config.params import MODELS as MODEL_PARAMS
+from search.config.params import ACTIVATIONS as ACTIVATION_MODULES
 from search.config.params import model_settings
 
 MODELS: tuple[str, ...] = tuple(MODEL_PARAMS)
 
-# The modules behind `search.config.params.ACTIVATIONS`' names.
+# The modules behind the activations' names (`search.config.params.ACTIVATIONS`).
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "relu": nn.ReLU,
-    "leaky_relu": nn.LeakyReLU,
-    "silu": nn.SiLU,
-    "swish": nn.SiLU,  # the same function under its other common name
-    "gelu": nn.GELU,
-}
+    name: getattr(nn, module) for name, module in ACTIVATION_MODULES.items()}
 
 
 def _check_input(in_channels: int, image_size: int, num_classes: int) -> None:
