@@ -20,11 +20,11 @@ from typing import Any, NamedTuple, TypeVar
 
 import optuna
 
-from search.config.command_keys import PREDICT, REPORT
+from search.config.command_keys import PREDICT
 from search.config.errors import SearchError
 from search.config.keys import Whole
 from search.config.settings import StudyConfig, load_config
-from search.config.urls import is_model_uri, masked, store_url, writable_folder
+from search.config.urls import is_model_uri, masked, store_url
 from search.storage.studies import quiet_optuna
 
 __all__ = ["Prediction", "RetrainedModel", "SearchError", "Study", "best_config", "load_model",
@@ -162,40 +162,19 @@ def retrain(study: Study, *, top: int = 1, seeds: int = 1, device: str | None = 
     tracking is on, and rank 1's first seed registered as `<study_name>-best` (`register`), as
     `search.report retrain=topN` does (without writing the report).
     """
-    from search.analysis.compose import MODELS_FOLDER
-    from search.analysis.final_models import final_evaluation, final_models_hook
     from search.analysis.tables import top_trials
-    from search.training.loop import resolve_device
-    from search.training.results import FinalTraining
+    from search.runner.final_models import train_final_models
 
     Whole(1)("top", top)
-    REPORT["seeds"].check("seeds", seeds)  # as search.report and search.train check it
-    trials = top_trials(study.optuna, top)
-    if not trials:
-        raise SearchError(f"study '{study.name}' has no complete trial yet: nothing to retrain.")
-    save_dir = Path(out) / study.name / MODELS_FOLDER
-    writable_folder(save_dir, "out")
-    config = study.config
-    models = final_models_hook(study._source, "search.api")  # None when tracking is off
-    done: list[FinalTraining] = []
-
-    def on_run(run: FinalTraining) -> None:
-        if models is not None:
-            models(run)
-        done.append(run)
-
-    final_evaluation(config, [(f"rank {rank}", t) for rank, t in enumerate(trials, 1)],
-                     seeds=seeds, device=resolve_device(device or config.device), on_run=on_run,
-                     with_predictions=False, save_dir=save_dir)
-    registered = None
-    if models is not None and register:
-        done_registering = models.register_best(trials[0].number, repeat=0)
-        if done_registering is not None:
-            registered = "models:/{}/{}".format(*done_registering)
+    entries = [(f"rank {rank}", t) for rank, t in enumerate(top_trials(study.optuna, top), 1)]
+    final = train_final_models(study._source, entries, seeds=seeds, out=Path(out),
+                               command="search.api", device=device, register=register)
+    registered = "models:/{}/{}".format(*final.registered) if final.registered else None
+    first = (entries[0][1].number, 0)  # rank 1's first seed: the registered one
     return [RetrainedModel(run.card.label, run.card.trial_number, run.card.seed,
                            run.card.test_accuracy, Path(run.path).resolve(),
-                           registered if (run.card.trial_number, run.repeat) == (trials[0].number, 0)
-                           else None) for run in done]
+                           registered if (run.card.trial_number, run.repeat) == first else None)
+            for run in final.runs]
 
 
 @_user_errors

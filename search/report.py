@@ -8,18 +8,17 @@ from typing import Any
 from search.analysis.compare import write_comparison
 from search.analysis.compose import (
     ReportOptions,
-    StudyReport,
     check_reportable,
-    retrains_anything,
+    final_entries,
     write_report,
 )
-from search.analysis.final_models import final_models_hook
 from search.config.command_keys import LOCATION_KEYS
 from search.config.command_keys import REPORT as KEYS
 from search.config.command_line import command_overrides, help_text, run_command
 from search.config.errors import SearchError
 from search.config.keys import checked, with_defaults
 from search.config.urls import writable_folder
+from search.runner.final_models import TrainedModels, train_final_models
 from search.storage.reading import open_source
 from search.storage.studies import quiet_optuna
 from search.training.loop import resolve_device
@@ -61,19 +60,15 @@ def split_studies(overrides: dict[str, Any]) -> list[dict[str, Any]]:
             for study, name in zip(studies, names)]
 
 
-def register_best(report: StudyReport, models) -> str | None:
-    """Registers the rank-1 configuration's first-seed model (chosen by validation rank, as the
-    report's reference model, never by test accuracy); returns a line saying so."""
-    if models is None or report.evaluation is None:
+def registered_line(final: TrainedModels) -> str | None:
+    """The line that says where the rank-1 configuration's first-seed model was registered
+    (chosen by validation rank, as the report's reference model, never by test accuracy)."""
+    if final.registered is None:
         return None
-    best = report.evaluation.results[0]
-    registered = models.register_best(best.trial_number, repeat=0)
-    if registered is None:
-        return None
-    name, version = registered
-    accuracy = best.test_accuracies[0]
+    name, version = final.registered
+    best = final.evaluation.results[0]
     return (f"Registered models:/{name}/{version} in the MLflow Model Registry (trial "
-            f"{best.trial_number}, test accuracy {accuracy:.4f}); load it with "
+            f"{best.trial_number}, test accuracy {best.test_accuracies[0]:.4f}); load it with "
             f"search.load_model(\"models:/{name}/{version}\").")
 
 
@@ -95,18 +90,24 @@ def main(argv: list[str]) -> int:
     writable_folder(options.out)
     reports = []
     for source in sources:
-        # MLflow's final runs only for models that will be trained: no experiment for nothing.
-        models = final_models_hook(source) if retrains_anything(source, options) else None
-        report = write_report(source, options, on_final_run=models)
+        entries = final_entries(source.study, options.retrain)
+        final = None
+        if entries:  # no MLflow run or models/ folder for nothing
+            config = source.config
+            print(f"final evaluation: {len(entries)} configurations x {options.seeds} seeds x "
+                  f"{config.epochs} epochs on {config.dataset}")
+            final = train_final_models(source, entries, seeds=options.seeds, out=options.out,
+                                       command="search.report", with_predictions=True)
+        report = write_report(source, options, evaluation=final.evaluation if final else None)
         reports.append(report)
         print(f"Report of study '{source.study.study_name}': {report.markdown} and {report.html} "
               f"({len(report.figures)} figures, trials.csv)")
         if report.next_study is not None:
             print(f"Next study, with the report's reasons: python -m search.run "
                   f"study={report.next_study}")
-        if report.evaluation is not None:
-            print(f"Final models: {report.folder / 'models'}/")
-            registered = register_best(report, models)
+        if final is not None:
+            print(f"Final models: {final.folder}/")
+            registered = registered_line(final)
             if registered:
                 print(registered)
     if len(reports) > 1:

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from search.analysis.compose import MODELS_FOLDER
-from search.analysis.final_models import find_trial, final_models_hook, retrain_trial
 from search.config.command_keys import LOCATION_KEYS
 from search.config.command_keys import TRAIN as KEYS
 from search.config.command_line import command_overrides, help_text, run_command
 from search.config.errors import SearchError
 from search.config.keys import checked, with_defaults
-from search.config.urls import writable_folder
+from search.runner.final_models import retrain_trial
 from search.storage.reading import open_source
 from search.storage.studies import quiet_optuna
 from search.training.loop import resolve_device
@@ -49,20 +47,17 @@ def main(argv: list[str]) -> int:
         resolve_device(overrides["device"])
     quiet_optuna()
     source = open_source({k: v for k, v in overrides.items() if k in LOCATION_KEYS})
-    find_trial(source, number)  # a trial that is not there is refused before any folder or run
-    save_dir = Path(str(values["out"])) / source.config.study_name / MODELS_FOLDER
-    if full:
-        writable_folder(save_dir, "out")
-    outcome = retrain_trial(source, number, seeds=seeds, full=full, save_dir=save_dir,
-                            on_final_run=final_models_hook(source, "search.train") if full else None)
+    # A trial that is not there is refused before any folder or MLflow run is made.
+    outcome = retrain_trial(source, number, seeds=seeds, full=full,
+                            out=Path(str(values["out"])))
     what = "test accuracy" if full else "validation accuracy"
     mean, std = mean_and_std(outcome.accuracies)
     spread = f" ± {std:.4f} (sample std over {seeds} seeds)" if std is not None else ""
     print(f"{what}: {mean:.4f}{spread}; per seed: "
           + ", ".join(f"{a:.4f}" for a in outcome.accuracies))
     if full:
-        print(f"models saved in {save_dir}/; classify images with: python -m search.predict "
-              f"model={save_dir / model_file(number, 0)} images=FOLDER")
+        print(f"models saved in {outcome.folder}/; classify images with: python -m search.predict "
+              f"model={outcome.folder / model_file(number, 0)} images=FOLDER")
     recorded = outcome.trial.intermediate_values
     if not full and recorded:
         # Compare at the last epoch the search saw (a pruned trial stopped before the budget).

@@ -147,6 +147,33 @@ def test_only_the_tracking_modules_import_mlflow():
                                                      "tracking/model_registry.py"]
 
 
+def names_used(path: Path) -> set[str]:
+    """Every name a file defines, imports or reads (`x`, `obj.x`, `from m import x`, `def x`)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Name):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            names.add(node.attr)
+        elif isinstance(node, ast.alias):
+            names.add(node.name.split(".")[-1])
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+    return names
+
+
+def test_final_models_have_one_owner():
+    """`search.report retrain=topN`, `search.train full=true` and `search.retrain()` train, save,
+    log and register final models through one service: no other module trains them, builds their
+    MLflow hook or registers one."""
+    owned = {"final_evaluation", "FinalModels", "register_best"}
+    assert sorted(_module(p) for p in PACKAGE.rglob("*.py") if names_used(p) & owned) == [
+        "search.runner.final_models", "search.tracking.model_registry"]
+    graph = import_graph()
+    assert all("search.runner.final_models" in graph[command]
+               for command in ("search.report", "search.train", "search.api"))
+
+
 def test_no_benchmark_inside_the_package():
     assert not [p.name for p in PACKAGE.rglob("*bench*")]
 

@@ -12,9 +12,9 @@ import torch
 from helpers import FAKE, SMALL_CNN, one_thread
 from optuna.trial import TrialState
 
-from search.analysis.final_models import retrain_trial
 from search.config.command_line import main_guard
 from search.config.settings import load_config
+from search.runner.final_models import retrain_trial
 from search.runner.objective import Objective
 from search.storage.reading import open_source, retrain_command
 from search.storage.studies import open_study

@@ -1,8 +1,8 @@
 """The report generator: `python -m search.report study=cnn3` summarises a study.
 
 Data apart from drawing: `data` computes tables and curves from a study (pandas frames and
-NamedTuples), `figures` draws them, `final` presents the final evaluation on the test set (the
-retraining itself is `search.analysis.final_models`'s), `render` writes Markdown and self-contained HTML,
+NamedTuples), `figures` draws them, `final_tables` presents the final evaluation on the test set (the
+retraining itself is `search.runner.final_models`'s), `render` writes Markdown and self-contained HTML,
 `advice` reads what to do next (ranges at an edge, failing regions, choices, curves, samples) and
 `next_study` writes it as the next study file, `compose` puts one study's report together,
 `compare` sets several studies side by side.

@@ -12,12 +12,6 @@ from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial
 
 from search.analysis import advice, figures, final_tables, next_study, tables
-from search.analysis.final_models import (
-    FinalEvaluation,
-    FinalResult,
-    FinalTrainingHook,
-    final_evaluation,
-)
 from search.analysis.render import (
     Block,
     Code,
@@ -31,17 +25,14 @@ from search.analysis.render import (
 )
 from search.config.errors import SearchError, first_line
 from search.config.settings import StudyConfig, load_config, to_yaml
+from search.runner.final_models import MODELS_FOLDER, FinalEvaluation, FinalResult
 from search.storage.reading import StudySource, retrain_command
 from search.storage.trials import TrialAttr
 from search.training.images import DATASETS
-from search.training.loop import resolve_device
 
 # Slice plots and parallel coordinates show this many of the most important parameters.
 MOST_IMPORTANT = 4
 PARALLEL_PARAMS = 8
-
-
-MODELS_FOLDER = "models"  # within the report's folder
 
 
 class ReportOptions(NamedTuple):
@@ -233,9 +224,12 @@ def _figure_blocks(study, config: StudyConfig, drawer: _Figures) -> list[Block]:
     return blocks
 
 
-def _final_entries(study, retrain: int) -> list[tuple[str, FrozenTrial]]:
-    """The top `retrain` configurations, then each baseline not among them."""
+def final_entries(study, retrain: int) -> list[tuple[str, FrozenTrial]]:
+    """What the report's final evaluation retrains: the top `retrain` configurations, then each
+    baseline not among them; none without a complete trial to rank (nor with `retrain=none`)."""
     top = tables.top_trials(study, retrain)
+    if not top:
+        return []
     entries = [(f"rank {rank}", t) for rank, t in enumerate(top, 1)]
     chosen = {t.number for t in top}
     baselines = [t for t in tables.baseline_trials(study) if t.params]
@@ -263,21 +257,14 @@ def significance(best: FinalResult, baseline: FinalResult) -> str:
             f"{' (the search found a better configuration)' if p < 0.05 and best.mean > baseline.mean else ''}.")
 
 
-def _final_blocks(study, config: StudyConfig, options: ReportOptions, drawer: _Figures,
-                  on_final_run: FinalTrainingHook | None,
-                  log: Callable[[str], None]) -> tuple[list[Block], FinalEvaluation | None]:
+def _final_blocks(config: StudyConfig, options: ReportOptions, drawer: _Figures,
+                  evaluation: FinalEvaluation | None) -> list[Block]:
     blocks: list[Block] = [Heading("Final evaluation on the test set")]
     if not options.retrain:
         return blocks + [Text("Not run (`retrain=none`). Add `retrain=top3` to retrain the three "
-                              "best configurations on train + validation and test them.")], None
-    entries = _final_entries(study, options.retrain)
-    if not any(label.startswith("rank") for label, _ in entries):
-        return blocks + [Text("Not run: no trial has completed yet.")], None
-    log(f"final evaluation: {len(entries)} configurations x {options.seeds} seeds x "
-        f"{config.epochs} epochs on {config.dataset}")
-    evaluation = final_evaluation(config, entries, seeds=options.seeds,
-                                  device=resolve_device(config.device), on_run=on_final_run,
-                                  log=log, save_dir=drawer.folder / MODELS_FOLDER)
+                              "best configurations on train + validation and test them.")]
+    if evaluation is None:
+        return blocks + [Text("Not run: no trial has completed yet.")]
     table = final_tables.final_table(evaluation)
     table.to_csv(drawer.folder / "final.csv", index=False)
     blocks.append(Text(
@@ -319,7 +306,7 @@ def _final_blocks(study, config: StudyConfig, options: ReportOptions, drawer: _F
                    lambda: figures.draw_tsne(final_tables.tsne_embedding(predictions, seed=config.seed),
                                              predictions.feature_labels, names,
                                              f"t-SNE of penultimate features: {who}"))
-    return blocks, evaluation
+    return blocks
 
 
 # ---------------------------------------------------------------- what to do next
@@ -463,16 +450,11 @@ def check_reportable(source: StudySource) -> tables.Summary:
     return summary
 
 
-def retrains_anything(source: StudySource, options: ReportOptions) -> bool:
-    """Whether the report's final evaluation will train a model: `retrain=topN` and a complete
-    trial to rank (without one, no MLflow run or models folder is made for it)."""
-    return bool(options.retrain and tables.top_trials(source.study, 1))
-
-
 def write_report(source: StudySource, options: ReportOptions, *,
-                 on_final_run: FinalTrainingHook | None = None,
+                 evaluation: FinalEvaluation | None = None,
                  log: Callable[[str], None] = print) -> StudyReport:
-    """Writes `<out>/<study_name>/` and returns what was written.
+    """Writes `<out>/<study_name>/` and returns what was written; `evaluation` is the final
+    evaluation of `final_entries` (`search.runner.final_models.train_final_models`), if run.
 
     Raises:
         SearchError: the study has no finished (complete or pruned) trial.
@@ -498,8 +480,7 @@ def write_report(source: StudySource, options: ReportOptions, *,
     blocks += _summary_blocks(summary, config)
     blocks += _top_blocks(study, config, options)
     blocks += _figure_blocks(study, config, drawer)
-    final_blocks, evaluation = _final_blocks(study, config, options, drawer, on_final_run, log)
-    blocks += final_blocks
+    blocks += _final_blocks(config, options, drawer, evaluation)
     best = study.best_trial if summary.best_trial is not None else None
     blocks += [Heading("Reproduce"), Code("\n".join(filter(None, [
         f"python -m search.report {config.location_args()} retrain=top3    # this report, tested",

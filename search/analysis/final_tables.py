@@ -1,13 +1,13 @@
 """The final evaluation as the report shows it: a table over seeds, class names, the confusion
-matrix and the t-SNE embedding of the reference model's features. The retraining itself is
-core work (`search.analysis.final_models`); this module only reads its results."""
+matrix and the t-SNE embedding of the reference model's features. The retraining itself is the
+runner's (`search.runner.final_models`); this module only reads its results."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from search.analysis.final_models import FinalEvaluation, TestPredictions
+from search.runner.final_models import FinalEvaluation, TestPredictions
 
 
 def final_table(evaluation: FinalEvaluation) -> pd.DataFrame:

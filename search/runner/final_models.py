@@ -1,10 +1,18 @@
-"""Training a trial's configuration again, with the same trainer the search used.
+"""Final models: a study's configurations trained again with the trainer the search used, and
+the one service that does it for `search.report retrain=topN`, `search.train full=true` and
+`search.retrain()` (`train_final_models`): it checks the seeds, makes the output folder
+(`<out>/<study_name>/models/`), attaches the MLflow hook when the study's tracking is on,
+retrains each configuration on the whole training set (train + validation) for the full epoch
+budget with several seeds, evaluates each model once on the test set, saves it, and registers
+the first configuration's first seed as `<study_name>-best`. Nothing is created before there
+is something to train. `search.train` without `full=true` reproduces a trial on its train and
+validation splits (`retrain_trial`). This module is the only one that loads the test split.
 
-Two uses: `search.train` reproduces a trial (train split, validation split, the trial's own seed),
-and the final evaluation (the report's `retrain=topN`, `search.train full=true`) retrains
-configurations on the whole training set (train + validation) for the full epoch budget with
-several seeds and evaluates each model once on the test set. This module is the only one that
-loads the test split.
+Example:
+    >>> final = train_final_models(source, [("rank 1", best_trial)], seeds=3,
+    ...                            out=Path("reports"), command="search.report")  # doctest: +SKIP
+    >>> final.folder, final.registered  # doctest: +SKIP
+    (PosixPath('reports/cnn3/models'), ('cnn3-best', '4'))
 """
 
 from __future__ import annotations
@@ -21,7 +29,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.config.errors import SearchError
 from search.config.params import format_params
+from search.config.command_keys import SEEDS
 from search.config.settings import StudyConfig
+from search.config.urls import writable_folder
 from search.storage.reading import StudySource
 from search.storage.trials import TrialAttr, params_of
 from search.training.augment import BatchLoader
@@ -56,19 +66,9 @@ from search.training.results import (
     repeat_seed,
 )
 
+MODELS_FOLDER = "models"       # within <out>/<study_name>/, beside the study's report
 MAX_TSNE_POINTS = 1000
 FinalTrainingHook = Callable[[FinalTraining], None]
-
-
-def final_models_hook(source: StudySource, command: str = "search.report"):
-    """Where final runs and their models go when the study's MLflow tracking is on: a
-    `search.tracking.model_registry.FinalModels` (an `on_run` hook with `register_best`), or
-    None when tracking is off (the models are still saved as files)."""
-    if not source.config.tracking_enabled:
-        return None
-    from search.tracking.model_registry import FinalModels  # mlflow imports take ~2 s
-
-    return FinalModels(source.config, source.study, command)
 
 
 def retrain(config: StudyConfig, params: dict[str, Any], *, train_data: ImageSet,
@@ -121,15 +121,71 @@ class FinalEvaluation(NamedTuple):
     test_images: int
 
 
+class TrainedModels(NamedTuple):
+    """What `train_final_models` trained, kept and registered."""
+
+    evaluation: FinalEvaluation
+    runs: tuple[FinalTraining, ...]             # every model, in training order
+    folder: Path                                # where they are saved
+    registered: tuple[str, str] | None          # (name, version) in the MLflow Model Registry
+
+
+def train_final_models(source: StudySource, entries: Sequence[tuple[str, FrozenTrial]], *,
+                       seeds: int, out: Path, command: str, device: str | None = None,
+                       register: bool = True, with_predictions: bool = False,
+                       log: Callable[[str], None] = print) -> TrainedModels:
+    """Trains, tests, saves, logs and registers the final models of `entries` ((label, trial),
+    best first), as `final_evaluation` describes.
+
+    Args:
+        source: the study and the config its trials ran under.
+        entries: the configurations; the first one's first seed is the one registered.
+        seeds: training runs per configuration (1 to 1000).
+        out: the models go in `<out>/<study_name>/models/`.
+        command: who trains (`search.report`, `search.train`, `search.api`), for the MLflow runs.
+        device: where to train (default: the study's `device`).
+        register: register the first entry's first model as `<study_name>-best` (tracking on).
+        with_predictions: keep the reference model's test predictions (the report's figures).
+
+    Raises:
+        SearchError: bad `seeds`, nothing to train (no complete trial), a folder that cannot
+            be written or a tracking store that cannot be used; all before any training.
+    """
+    SEEDS("seeds", seeds)  # the constraint search.report and search.train declare
+    if not entries:
+        raise SearchError(f"study '{source.study.study_name}' has no complete trial yet: "
+                          "nothing to retrain.")
+    config = source.config
+    folder = out / source.study.study_name / MODELS_FOLDER
+    writable_folder(folder, "out")
+    tracking = None
+    if config.tracking_enabled:  # else the models are saved as files only
+        from search.tracking.model_registry import FinalModels  # mlflow imports take ~2 s
+
+        tracking = FinalModels(config, source.study, command)
+    runs: list[FinalTraining] = []
+
+    def on_run(run: FinalTraining) -> None:
+        if tracking is not None:
+            tracking(run)
+        runs.append(run)
+
+    evaluation = final_evaluation(config, entries, seeds=seeds,
+                                  device=resolve_device(device or config.device), save_dir=folder,
+                                  on_run=on_run, log=log, with_predictions=with_predictions)
+    registered = (tracking.register_best(entries[0][1].number, repeat=0)
+                  if tracking is not None and register else None)
+    return TrainedModels(evaluation, tuple(runs), folder, registered)
+
+
 def final_evaluation(config: StudyConfig, entries: Sequence[tuple[str, FrozenTrial]], *,
-                     seeds: int, device: torch.device, on_run: FinalTrainingHook | None = None,
-                     log: Callable[[str], None] = print, with_predictions: bool = True,
-                     save_dir: Path | None = None) -> FinalEvaluation:
+                     seeds: int, device: torch.device, save_dir: Path, on_run: FinalTrainingHook,
+                     log: Callable[[str], None], with_predictions: bool) -> FinalEvaluation:
     """Retrains each (label, trial) on train + validation for `config.epochs` with `seeds`
-    seeds and evaluates each model once on the test set; with `save_dir`, each model is saved
-    there as `trial-NNNN-seed-K.pt` (`search.training.classifier`). The first entry's first
-    model is the reference for the confusion matrix and the t-SNE (`with_predictions`): chosen
-    by validation rank, never by test accuracy.
+    seeds and evaluates each model once on the test set; each model is saved in `save_dir` as
+    `trial-NNNN-seed-K.pt` (`search.training.classifier`) and handed to `on_run`. The first
+    entry's first model is the reference for the confusion matrix and the t-SNE
+    (`with_predictions`): chosen by validation rank, never by test accuracy.
     """
     spec = DATASETS[config.dataset]
     full_train = load_split(config.dataset, config.data_dir, train=True)
@@ -150,13 +206,11 @@ def final_evaluation(config: StudyConfig, entries: Sequence[tuple[str, FrozenTri
                              test_accuracy=float("nan"), test_loss=float("nan"))
             model, card = tested_model(card, result, test, device)
             accuracies.append(card.test_accuracy)
-            path = (save_classifier(model, save_dir / model_file(trial.number, repeat))
-                    if save_dir is not None else None)
+            path = save_classifier(model, save_dir / model_file(trial.number, repeat))
             log(f"final: {label} (trial {trial.number}) seed {repeat + 1}/{seeds}: test accuracy "
-                f"{card.test_accuracy:.4f} ({seconds[-1]:.0f} s)" + (f", saved {path}" if path else ""))
-            if on_run is not None:
-                on_run(FinalTraining(card, repeat, seconds[-1], result.parameter_count,
-                                     result.history, model, str(path) if path else None))
+                f"{card.test_accuracy:.4f} ({seconds[-1]:.0f} s), saved {path}")
+            on_run(FinalTraining(card, repeat, seconds[-1], result.parameter_count,
+                                 result.history, model, str(path)))
             if with_predictions and predictions is None:
                 predictions = predict_test_set(result.model, test, spec, device, label,
                                                trial.number)
@@ -205,6 +259,7 @@ class RetrainOutcome(NamedTuple):
     full: bool
     accuracies: tuple[float, ...]
     histories: tuple[tuple[EpochMetrics, ...], ...]   # per seed; empty when full=True
+    folder: Path | None = None                        # where full=True saved the models
 
 
 def find_trial(source: StudySource, number: int) -> FrozenTrial:
@@ -236,10 +291,10 @@ def describe(trial: FrozenTrial) -> str:
 
 
 def retrain_trial(source: StudySource, number: int, *, seeds: int = 1, full: bool = False,
-                  on_final_run: FinalTrainingHook | None = None, save_dir: Path | None = None,
-                  log: Callable[[str], None] = print) -> RetrainOutcome:
+                  out: Path = Path("reports"), log: Callable[[str], None] = print) -> RetrainOutcome:
     """Trains trial `number`'s configuration `seeds` times for the study's full epoch budget;
-    with `full`, the final models are saved in `save_dir` (see `final_evaluation`)."""
+    with `full`, on train + validation, tested and kept as `train_final_models` does (the
+    models in `<out>/<study_name>/models/`)."""
     config, trial = source.config, find_trial(source, number)
     device = resolve_device(config.device)
     params = params_of(trial, config.space)
@@ -248,10 +303,10 @@ def retrain_trial(source: StudySource, number: int, *, seeds: int = 1, full: boo
     log(f"  params: {format_params(params, limit=99)}")
     if full:
         log("  full=true: training on train + validation and evaluating once on the test set.")
-        evaluation = final_evaluation(config, [(f"trial {trial.number}", trial)], seeds=seeds,
-                                      device=device, on_run=on_final_run, log=log,
-                                      with_predictions=False, save_dir=save_dir)
-        return RetrainOutcome(trial, True, evaluation.results[0].test_accuracies, ())
+        final = train_final_models(source, [(f"trial {trial.number}", trial)], seeds=seeds,
+                                   out=out, command="search.train", register=False, log=log)
+        return RetrainOutcome(trial, True, final.evaluation.results[0].test_accuracies, (),
+                              final.folder)
     data = load_search_data(config.dataset, config.data_dir, val_size=config.val_size,
                             seed=config.seed)
     accuracies, histories = [], []
