@@ -30,18 +30,9 @@ from search.config.errors import SearchError
 from search.config.settings import StudyConfig
 from search.config.urls import StoreUrl, masked
 from search.storage.trials import StudyAttr
-from search.tracking.mlflow_runs import (
-    GIT_COMMIT_TAG,
-    PARENT_TAG,
-    ROLE_TAG,
-    ParentRun,
-    check_existing_tracking,
-    check_tracking,
-    git_commit,
-    now_ms,
-    param_value,
-    short_reason,
-)
+from search.tracking.run_values import GIT_COMMIT_TAG, git_commit, now_ms, param_value
+from search.tracking.stores import check_existing_tracking, check_tracking, short_reason
+from search.tracking.study_run import PARENT_TAG, ROLE_TAG, ParentRun
 from search.training.classifier import (
     Classifier,
     load_classifier,
