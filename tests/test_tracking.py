@@ -38,7 +38,7 @@ from search.tracking.dashboard_artifacts import DashboardArtifacts
 from search.tracking.live import TrialLogger
 from search.tracking.stores import check_tracking
 from search.tracking.study_run import ParentRun
-from search.tracking.trial_runs import end_study
+from search.tracking.trial_runs import backfill, end_study
 from search.training.results import EpochMetrics, FinalTraining
 
 # MLflow's own SQLAlchemy store warns about itself; nothing here to act on.
@@ -264,6 +264,8 @@ def test_failed_and_interrupted_trials_and_dead_workers(mlflow_server, tmp_path)
     _finished(tracker, diverged, TrialState.FAIL, {"lr": 10.0},
               {"fail_reason": "diverged: training loss became nan"}, [_metrics(1, 0.1)])
     study.tell(diverged, state=TrialState.FAIL)
+    # The live end of a trial is the backfill of that trial: the backfill finds nothing to add.
+    assert backfill(study_run, study) == (0, 0)
 
     orphan = study.ask()  # its worker dies: no trial_finished; Optuna's heartbeat fails it
     tracker.trial_started(orphan, {"lr": 0.2})
