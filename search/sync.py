@@ -36,14 +36,13 @@ def main(argv: list[str]) -> int:
         raise SearchError("tracking_uri=none: there is no MLflow store to sync to; give "
                           "tracking_uri=URL.")
     quiet_optuna()
-    from search.tracking.mlflow_runs import (  # mlflow imports take ~2 s
-        ParentRun,
-        check_tracking,
-    )
+    from search.tracking.stores import check_tracking  # mlflow imports take ~2 s
+    from search.tracking.study_run import ParentRun
+    from search.tracking.trial_runs import backfill
 
     check_tracking(config.tracking_uri, config.study_name)
     study_run, study = ParentRun(config), source.study
-    created, completed = study_run.backfill(study)
+    created, completed = backfill(study_run, study)
     trials = study.get_trials(deepcopy=False)
     if not any(t.state == TrialState.RUNNING for t in trials):  # no process works on it now
         done = sum(map(counts_toward_n_trials, trials)) >= config.n_trials  # as search.run counts them

@@ -155,7 +155,7 @@ def test_a_warm_start_queues_the_best_configurations_of_another_study(tmp_path, 
 # ---------------------------------------------------------------- MLflow
 
 def test_the_experiment_opens_on_training_runs_in_the_mlflow_ui(tmp_path):
-    from search.tracking.mlflow_runs import ParentRun
+    from search.tracking.study_run import ParentRun
 
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     config = load_config([*FAKE, f"tracking_uri={tracking}", f"storage=sqlite:///{tmp_path}/o.db"])

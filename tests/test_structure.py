@@ -141,10 +141,12 @@ def test_the_config_layer_and_plain_records_need_no_pytorch():
 
 
 def test_only_the_tracking_modules_import_mlflow():
-    """Trial runs in one module, final models and the registry in the other."""
+    """The store checks, the study's run, the trial runs, the live observer, and the final
+    models with the registry: nothing outside the tracking layer, nor its UI links."""
     assert sorted(p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")
-                  if "mlflow" in third_party(p)) == ["tracking/mlflow_runs.py",
-                                                     "tracking/model_registry.py"]
+                  if "mlflow" in third_party(p)) == [
+        f"tracking/{name}.py" for name in ("live", "model_registry", "stores", "study_run",
+                                           "trial_runs")]
 
 
 def names_used(path: Path) -> set[str]:

@@ -1,4 +1,5 @@
-"""MLflow tracking (search.tracking.mlflow_runs), read back through MlflowClient.
+"""MLflow tracking (search.tracking: stores, study_run, trial_runs, live), read back through
+MlflowClient.
 
 End to end: the real CLI in subprocesses against a real `mlflow server` (SQLite backend, free port,
 started once per session) and against the default embedded store. In process: the observer's
@@ -34,11 +35,10 @@ from search.run import main as run_main
 from search.runner.process import make_observers
 from search.storage.trials import StudyAttr, TrialAttr
 from search.tracking.dashboard_artifacts import DashboardArtifacts
-from search.tracking.mlflow_runs import (
-    ParentRun,
-    TrialLogger,
-    check_tracking,
-)
+from search.tracking.live import TrialLogger
+from search.tracking.stores import check_tracking
+from search.tracking.study_run import ParentRun
+from search.tracking.trial_runs import backfill, end_study
 from search.training.results import EpochMetrics, FinalTraining
 
 # MLflow's own SQLAlchemy store warns about itself; nothing here to act on.
@@ -232,6 +232,15 @@ def _metrics(epoch: int, val_accuracy: float) -> EpochMetrics:
                         epoch_seconds=0.5, images_per_second=1000.0)
 
 
+def _finished(tracker: TrialLogger, trial: optuna.Trial, state: TrialState, params: dict,
+              attrs: dict, history: list[EpochMetrics]) -> None:
+    """What the objective does as a trial ends: its facts recorded on the trial, then the
+    observer told (the storage, not the call's arguments, is what the run is written from)."""
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
+    tracker.trial_finished(trial, state, params, attrs, history)
+
+
 def test_failed_and_interrupted_trials_and_dead_workers(mlflow_server, tmp_path):
     config, study = tracked_study(tmp_path, mlflow_server, "in-process")
     study_run = ParentRun(config)
@@ -243,16 +252,20 @@ def test_failed_and_interrupted_trials_and_dead_workers(mlflow_server, tmp_path)
     history = [_metrics(1, 0.3), _metrics(2, 0.6)]
     for metrics in history:
         tracker.epoch_ended(complete, metrics)
-    tracker.trial_finished(complete, TrialState.COMPLETE, {"lr": 0.1}, {"epochs_run": 2}, history)
+    _finished(tracker, complete, TrialState.COMPLETE, {"lr": 0.1}, {"epochs_run": 2}, history)
+    run = client.get_run(complete.user_attrs[TrialAttr.MLFLOW_RUN_ID])
+    assert run.info.status == "FINISHED" and run.data.tags["state"] == "COMPLETE"
+    assert run.data.metrics["epochs_run"] == 2
     study.tell(complete, 0.6)
 
     diverged = study.ask()
     tracker.trial_started(diverged, {"lr": 10.0})
     tracker.epoch_ended(diverged, _metrics(1, 0.1))
-    tracker.trial_finished(diverged, TrialState.FAIL, {"lr": 10.0},
-                           {"fail_reason": "diverged: training loss became nan"},
-                           [_metrics(1, 0.1)])
+    _finished(tracker, diverged, TrialState.FAIL, {"lr": 10.0},
+              {"fail_reason": "diverged: training loss became nan"}, [_metrics(1, 0.1)])
     study.tell(diverged, state=TrialState.FAIL)
+    # The live end of a trial is the backfill of that trial: the backfill finds nothing to add.
+    assert backfill(study_run, study) == (0, 0)
 
     orphan = study.ask()  # its worker dies: no trial_finished; Optuna's heartbeat fails it
     tracker.trial_started(orphan, {"lr": 0.2})
@@ -260,7 +273,7 @@ def test_failed_and_interrupted_trials_and_dead_workers(mlflow_server, tmp_path)
     study.tell(orphan, state=TrialState.FAIL)
     assert client.get_run(orphan_run).info.status == "RUNNING"
 
-    study_run.end(study, interrupted=True)
+    end_study(study_run, study, interrupted=True)
     run = client.get_run(diverged.user_attrs[TrialAttr.MLFLOW_RUN_ID])
     assert run.info.status == "FAILED" and run.data.tags["state"] == "FAIL"
     assert run.data.tags["fail_reason"] == "diverged: training loss became nan"

@@ -44,9 +44,7 @@ def prepare(config: StudyConfig, *, worker: bool = False) -> tuple[torch.device,
                 f"{size:,} parameters ({format_params(smallest, limit=99)}); raise max_params "
                 "or allow smaller models in the space.")
     if config.tracking_enabled:
-        from search.tracking.mlflow_runs import (
-            check_tracking,  # mlflow imports take ~2 s
-        )
+        from search.tracking.stores import check_tracking  # mlflow imports take ~2 s
 
         check_tracking(config.tracking_uri, config.study_name)
     return device, data

@@ -63,7 +63,7 @@ class Session:
     data: SearchData
     study: optuna.Study
     observers: list
-    study_run: object | None          # search.tracking.mlflow_runs.ParentRun when MLflow logging is on
+    study_run: object | None          # search.tracking.study_run.ParentRun when MLflow logging is on
     created: bool                     # this process created the study
     sampler_seed: int
     started: float = dataclasses.field(default_factory=time.perf_counter)
@@ -117,7 +117,9 @@ class Session:
         Only the process that opened the study calls it."""
         self.close()
         if self.study_run is not None:
-            self.study_run.end(self.study, interrupted)
+            from search.tracking.trial_runs import end_study  # mlflow is loaded already
+
+            end_study(self.study_run, self.study, interrupted)
 
     @property
     def experiment_id(self) -> str | None:
@@ -131,10 +133,8 @@ def make_observers(config: StudyConfig, write_note: bool = True) -> tuple[object
     scikit-learn) would cost every worker process about 95 MB."""
     if not config.tracking_enabled:
         return None, [DashboardArtifacts(config, write_note=write_note)]
-    from search.tracking.mlflow_runs import (  # mlflow imports take ~2 s
-        ParentRun,
-        TrialLogger,
-    )
+    from search.tracking.live import TrialLogger  # mlflow imports take ~2 s
+    from search.tracking.study_run import ParentRun
 
     study_run = ParentRun(config)
     return study_run, [TrialLogger(study_run),

@@ -126,7 +126,7 @@ def print_summary(study: optuna.Study, config: StudyConfig,
     print("Next:")
     print(f"  python -m search.dashboard {args}   # optuna-dashboard: trials, curves, importances")
     if config.tracking_enabled and experiment_id is not None:
-        from search.tracking.mlflow_runs import ui_access  # mlflow is loaded already
+        from search.tracking.ui_links import ui_access
 
         command, link = ui_access(config.tracking_uri, experiment_id)
         if command is not None:

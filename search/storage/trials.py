@@ -44,7 +44,7 @@ class TrialAttr(_Attr):
     FIXED_PARAMS = ("fixed_params", "runner.objective", "the space's fixed values, which "
                     "Optuna does not store as params")
     CHECKPOINT = ("checkpoint", "storage.checkpoints", "{id, epoch} of its last checkpoint")
-    MLFLOW_RUN_ID = ("mlflow_run_id", "tracking.mlflow_runs", "the MLflow run logging it")
+    MLFLOW_RUN_ID = ("mlflow_run_id", "tracking.live", "the MLflow run logging it")
     OVER_BUDGET = ("over_budget", "runner.objective", "parameter count of a model over "
                    "max_params: never trained, and not counted toward n_trials")
     PARAMETER_COUNT = ("parameter_count", "runner.objective", "the model's parameters")
@@ -75,7 +75,7 @@ class StudyAttr(_Attr):
                         "created, after its config, fingerprint, baselines and warm starts: a "
                         "study without it is half-made (its creator died), and the next process "
                         "to open it completes the creation (storage.checks.is_created)")
-    MLFLOW_PARENT_RUN_ID = ("mlflow_parent_run_id", "tracking.mlflow_runs", "the study's MLflow "
+    MLFLOW_PARENT_RUN_ID = ("mlflow_parent_run_id", "tracking.study_run", "the study's MLflow "
                             "parent run")
 
 

@@ -37,12 +37,12 @@ from search.training.results import EpochMetrics, trial_seed
 
 def mlflow_hint(tracking_uri: StoreUrl, experiment_id: str | None = None) -> str:
     """How a person opens the MLflow runs of a study, in Markdown: with the study's experiment
-    (`experiment_id`), the link that opens the UI on its runs (see `mlflow_runs.runs_link`)."""
+    (`experiment_id`), the link that opens the UI on its runs (see `ui_links.runs_link`)."""
     if tracking_uri.is_off:
         return "MLflow logging was off (`tracking_uri=none`) when this study was created."
     where = " (from the folder the study was run in)" if tracking_uri.is_default else ""
     if experiment_id is not None:
-        from search.tracking.mlflow_runs import ui_access  # mlflow is loaded already
+        from search.tracking.ui_links import ui_access
 
         command, link = ui_access(tracking_uri, experiment_id)
         return (f"Open its runs at {link}." if command is None else

@@ -5,7 +5,7 @@ the study's rank-1 model registered in the Model Registry as `<study_name>-best`
 per report, tagged with its test accuracy and trial. Loading a logged or registered model back
 (`models:/cnn3-best/1`, `runs:/...`) is here too.
 
-The runs are written with `MlflowClient` (explicit run ids, as `mlflow_runs` does); only the model
+The runs are written with `MlflowClient` (explicit run ids, as `trial_runs` does); only the model
 itself goes through `mlflow.pytorch`, which reads the process's tracking URI, so that URI is set
 for the call and put back after (`_tracking`).
 """
@@ -22,9 +22,7 @@ import mlflow
 import numpy as np
 import optuna
 import torch
-from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
-from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 from mlflow.types import Schema, TensorSpec
@@ -32,22 +30,10 @@ from mlflow.types import Schema, TensorSpec
 from search.config.errors import SearchError
 from search.config.settings import StudyConfig
 from search.config.urls import StoreUrl, masked
-from search.storage.backends import DatabaseLock
 from search.storage.trials import StudyAttr
-from search.tracking.mlflow_runs import (
-    EXPERIMENT_KIND,
-    GIT_COMMIT_TAG,
-    HTTP_DEFAULTS,
-    PARENT_TAG,
-    ROLE_TAG,
-    artifact_location,
-    check_existing_tracking,
-    check_tracking,
-    git_commit,
-    now_ms,
-    param_value,
-    short_reason,
-)
+from search.tracking.run_values import GIT_COMMIT_TAG, git_commit, now_ms, param_value
+from search.tracking.stores import check_existing_tracking, check_tracking, short_reason
+from search.tracking.study_run import PARENT_TAG, ROLE_TAG, open_experiment
 from search.training.classifier import (
     Classifier,
     load_classifier,
@@ -118,40 +104,11 @@ class FinalModels:
 
     def __init__(self, config: StudyConfig, study: optuna.Study, command: str = "search.report") -> None:
         check_tracking(config.tracking_uri, config.study_name)  # refuses a deleted experiment
-        if config.tracking_uri.is_http:
-            for key, value in HTTP_DEFAULTS.items():
-                os.environ.setdefault(key, value)
         self.config, self.command = config, command
-        try:
-            # A new store's first use creates its tables: under the lock the search's processes
-            # take (two processes migrating one store at once collide).
-            with DatabaseLock(config.tracking_uri, "mlflow-schema"):
-                self.client = MlflowClient(config.tracking_uri.raw)
-                self.experiment_id = self._experiment_id()
-        except Exception as error:  # noqa: BLE001 - a server that refuses us, a broken file
-            raise SearchError(f"tracking_uri={config.tracking_uri}: cannot open the experiment "
-                              f"'{config.study_name}' ({masked(short_reason(error))}). Add "
-                              "tracking_uri=none to run without MLflow logging.") from None
+        self.client, self.experiment_id = open_experiment(config)
         self.parent = study.user_attrs.get(StudyAttr.MLFLOW_PARENT_RUN_ID)
         self.commit = git_commit()
         self.logged: dict[tuple[int, int], tuple[str, str, ModelCard]] = {}  # (trial, repeat) ->
-
-    def _experiment_id(self) -> str:
-        """The study's experiment, as the search made it; made the same way (name, artifact
-        location, tags) for a study whose search ran without tracking."""
-        name = self.config.study_name
-        experiment = self.client.get_experiment_by_name(name)
-        if experiment is not None:
-            return experiment.experiment_id
-        try:
-            return self.client.create_experiment(
-                name, artifact_location=artifact_location(self.config.tracking_uri, name),
-                tags={"study_name": name, "model": self.config.model,
-                      "dataset": self.config.dataset, **EXPERIMENT_KIND})
-        except MlflowException as error:
-            if error.error_code != "RESOURCE_ALREADY_EXISTS":  # made meanwhile by another process
-                raise
-            return self.client.get_experiment_by_name(name).experiment_id
 
     def __call__(self, run: FinalTraining) -> None:
         """Logs one final training run and its model. A tracking store that fails here costs
