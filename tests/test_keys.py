@@ -15,7 +15,14 @@ from search.config.command_line import STUDY_KEYS, help_text, main_guard
 from search.config.errors import SearchError
 from search.config.keys import checked, with_defaults
 from search.config.settings import load_config
-from search.config.strategies import PRUNERS, SAMPLERS, make_pruner, make_sampler
+from search.config.strategies import (
+    PRUNERS,
+    SAMPLERS,
+    describe_pruner,
+    describe_sampler,
+    make_pruner,
+    make_sampler,
+)
 
 
 @pytest.mark.parametrize("page", sorted({page for page, _ in command_keys.TABLES}))
@@ -81,3 +88,20 @@ def test_every_sampler_and_pruner_named_is_built():
     for name in PRUNERS:
         config = load_config(["study=cnn3", f"pruner={name}"])
         assert isinstance(make_pruner(config.pruner, config.epochs), optuna.pruners.BasePruner)
+
+
+def test_the_report_describes_each_strategy_by_the_settings_it_reads():
+    """A setting a strategy does not read is not shown (median has no reduction_factor); one it
+    reads is shown with its value, so a study run with pruner.patience=7 says so."""
+    config = load_config(["study=cnn3", "pruner=patient", "pruner.patience=7", "epochs=4"])
+    assert describe_pruner(config.pruner, config.epochs) == "patient (patience 7)"
+    config = load_config(["study=cnn3", "pruner=hyperband", "pruner.reduction_factor=4", "epochs=9"])
+    assert describe_pruner(config.pruner, 9) == ("hyperband (min_resource 1, max_resource 9, "
+                                                 "reduction_factor 4)")
+    median = load_config(["study=cnn3", "pruner=median"]).pruner
+    assert "reduction_factor" not in describe_pruner(median, 9)
+    assert describe_pruner(load_config(["study=cnn3", "pruner=none"]).pruner, 9) == "none"
+    assert describe_sampler(load_config(["study=cnn3", "sampler=random"]).sampler, 3) == \
+        "random (seed 3)"
+    tpe = load_config(["study=cnn3", "sampler=tpe", "sampler.n_startup_trials=4"]).sampler
+    assert describe_sampler(tpe, 0) == "tpe (seed 0, n_startup_trials 4)"

@@ -17,6 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from search.config.params import PARAMS
 from search.config.settings import StudyConfig
+from search.config.strategies import describe_pruner, describe_sampler
 from search.storage.reading import retrain_command
 from search.storage.trials import FINISHED, TrialAttr, counts_toward_n_trials, params_of
 
@@ -76,25 +77,6 @@ class Summary(NamedTuple):
         return 1 - self.epochs_run / self.epochs_without_pruning
 
 
-def describe_sampler(config: StudyConfig) -> str:
-    s = config.sampler
-    extra = f", {s.n_startup_trials} random startup trials" if s.name in ("tpe", "gp") else ""
-    return f"{s.name} (seed {config.seed}{extra})"
-
-
-def describe_pruner(config: StudyConfig) -> str:
-    p = config.pruner
-    details = {
-        "hyperband": f"min_resource {p.min_resource}, max_resource {config.epochs}, "
-                     f"reduction_factor {p.reduction_factor}",
-        "successive_halving": f"min_resource {p.min_resource}, reduction_factor {p.reduction_factor}",
-        "median": f"n_startup_trials {p.n_startup_trials}, n_warmup_steps {p.n_warmup_steps}",
-        "patient": f"patience {p.patience} epochs",
-        "none": "",
-    }[p.name]
-    return f"{p.name} ({details})" if details else p.name
-
-
 def summarize(study: optuna.Study, config: StudyConfig) -> Summary:
     trials = study.get_trials(deepcopy=False)
     order = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING,
@@ -112,7 +94,8 @@ def summarize(study: optuna.Study, config: StudyConfig) -> Summary:
     compute = sum(t.duration.total_seconds() for t in trials if t.duration is not None)
     return Summary(
         study_name=study.study_name, model=config.model, dataset=config.dataset,
-        epochs=config.epochs, sampler=describe_sampler(config), pruner=describe_pruner(config),
+        epochs=config.epochs, sampler=describe_sampler(config.sampler, config.seed),
+        pruner=describe_pruner(config.pruner, config.epochs),
         space=tuple((spec.name, spec.describe(), PARAMS[spec.name].help) for spec in config.space),
         counts={k: v for k, v in counts.items() if v}, best_value=best.value if best else None,
         best_trial=best.number if best else None, wall_seconds=wall, compute_seconds=compute,

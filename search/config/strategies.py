@@ -10,7 +10,8 @@ keys of the `sampler:` and `pruner:` sections are the fields of `SamplerConfig` 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
 
 import optuna
 
@@ -32,25 +33,39 @@ class HyperbandPruner(optuna.pruners.HyperbandPruner):
         return bracket_study
 
 
-SAMPLERS: dict[str, Callable[[SamplerConfig, int], optuna.samplers.BaseSampler]] = {
+class Strategy(NamedTuple):
+    """A sampler or a pruner: how it is built from its section and a number (the seed of a
+    sampler, the epoch budget of a pruner), and the settings it reads, shown in the report."""
+
+    build: Callable[[Any, int], Any]
+    reads: tuple[str, ...] = ()
+
+
+SAMPLERS: dict[str, Strategy] = {
     # constant_liar keeps parallel workers from proposing the same point.
-    "tpe": lambda s, seed: optuna.samplers.TPESampler(
+    "tpe": Strategy(lambda s, seed: optuna.samplers.TPESampler(
         seed=seed, n_startup_trials=s.n_startup_trials, constant_liar=True),
-    "random": lambda s, seed: optuna.samplers.RandomSampler(seed=seed),
-    "gp": lambda s, seed: optuna.samplers.GPSampler(seed=seed, n_startup_trials=s.n_startup_trials),
+        ("n_startup_trials",)),
+    "random": Strategy(lambda s, seed: optuna.samplers.RandomSampler(seed=seed)),
+    "gp": Strategy(lambda s, seed: optuna.samplers.GPSampler(
+        seed=seed, n_startup_trials=s.n_startup_trials), ("n_startup_trials",)),
 }
-# Each pruner from its settings and the epoch budget (the max resource).
-PRUNERS: dict[str, Callable[[PrunerConfig, int], optuna.pruners.BasePruner]] = {
-    "hyperband": lambda p, epochs: HyperbandPruner(
+# Each pruner from its settings and the epoch budget (its max resource).
+PRUNERS: dict[str, Strategy] = {
+    "hyperband": Strategy(lambda p, epochs: HyperbandPruner(
         min_resource=p.min_resource, max_resource=epochs, reduction_factor=p.reduction_factor),
-    "median": lambda p, epochs: optuna.pruners.MedianPruner(
+        ("min_resource", "max_resource", "reduction_factor")),
+    "median": Strategy(lambda p, epochs: optuna.pruners.MedianPruner(
         n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps),
-    "successive_halving": lambda p, epochs: optuna.pruners.SuccessiveHalvingPruner(
+        ("n_startup_trials", "n_warmup_steps")),
+    "successive_halving": Strategy(lambda p, epochs: optuna.pruners.SuccessiveHalvingPruner(
         min_resource=p.min_resource, reduction_factor=p.reduction_factor),
+        ("min_resource", "reduction_factor")),
     # The hand-tuned reports' rule: stop once validation accuracy has not improved for
     # `patience` epochs.
-    "patient": lambda p, epochs: optuna.pruners.PatientPruner(None, patience=p.patience),
-    "none": lambda p, epochs: optuna.pruners.NopPruner(),
+    "patient": Strategy(lambda p, epochs: optuna.pruners.PatientPruner(None, patience=p.patience),
+                        ("patience",)),
+    "none": Strategy(lambda p, epochs: optuna.pruners.NopPruner()),
 }
 
 
@@ -78,9 +93,26 @@ class PrunerConfig:
 
 
 def make_sampler(sampler: SamplerConfig, seed: int) -> optuna.samplers.BaseSampler:
-    return SAMPLERS[sampler.name](sampler, seed)
+    return SAMPLERS[sampler.name].build(sampler, seed)
 
 
 def make_pruner(pruner: PrunerConfig, epochs: int) -> optuna.pruners.BasePruner:
-    """Pruning is the early stopping: every pruner works on epochs as its resource."""
-    return PRUNERS[pruner.name](pruner, epochs)
+    return PRUNERS[pruner.name].build(pruner, epochs)
+
+
+def describe_sampler(sampler: SamplerConfig, seed: int) -> str:
+    """`tpe (seed 0, n_startup_trials 10)`: the sampler and the settings it reads."""
+    reads = SAMPLERS[sampler.name].reads
+    return _described(sampler.name, {"seed": seed} | {n: getattr(sampler, n) for n in reads})
+
+
+def describe_pruner(pruner: PrunerConfig, epochs: int) -> str:
+    """`hyperband (min_resource 1, max_resource 10, reduction_factor 3)`: the pruner and the
+    settings it reads (its max resource is the epoch budget)."""
+    values = {**asdict(pruner), "max_resource": epochs}
+    return _described(pruner.name, {n: values[n] for n in PRUNERS[pruner.name].reads})
+
+
+def _described(name: str, settings: dict[str, Any]) -> str:
+    shown = ", ".join(f"{key} {value}" for key, value in settings.items())
+    return f"{name} ({shown})" if shown else name
