@@ -77,10 +77,11 @@ def test_a_planted_cycle_would_be_found():
 
 
 # The layers, bottom first. A module may import its own layer and the layers below it, never one
-# above, nor its neighbour on the same floor (training and storage know nothing of each other).
+# above, nor its neighbour on the same floor (training and storage know nothing of each other;
+# analysis only reads what the runner and the trainer produced, and never trains).
 # The modules directly in search/ are the commands people type (`python -m search.run`) and the
 # Python API (`search.api`, the same commands as functions).
-LAYERS = (("config",), ("training", "storage"), ("tracking",), ("runner",), ("analysis",),
+LAYERS = (("config",), ("training", "storage"), ("tracking",), ("runner", "analysis"),
           ("commands",))
 FLOOR = {name: floor for floor, names in enumerate(LAYERS) for name in names}
 

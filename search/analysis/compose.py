@@ -25,7 +25,7 @@ from search.analysis.render import (
 )
 from search.config.errors import SearchError, first_line
 from search.config.settings import StudyConfig, load_config, to_yaml
-from search.runner.final_models import MODELS_FOLDER, FinalEvaluation, FinalResult
+from search.training.results import MODELS_FOLDER, FinalEvaluation, FinalResult
 from search.storage.reading import StudySource, retrain_command
 from search.storage.trials import TrialAttr
 from search.training.images import DATASETS

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from search.runner.final_models import FinalEvaluation, TestPredictions
+from search.training.results import FinalEvaluation, TestPredictions
 
 
 def final_table(evaluation: FinalEvaluation) -> pd.DataFrame:

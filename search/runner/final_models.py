@@ -58,15 +58,17 @@ from search.training.loop import (
     train,
 )
 from search.training.results import (
+    MODELS_FOLDER,
+    FinalEvaluation,
+    FinalResult,
+    TestPredictions,
     EpochMetrics,
     FinalTraining,
     ModelCard,
     TrainResult,
-    mean_and_std,
     repeat_seed,
 )
 
-MODELS_FOLDER = "models"       # within <out>/<study_name>/, beside the study's report
 MAX_TSNE_POINTS = 1000
 FinalTrainingHook = Callable[[FinalTraining], None]
 
@@ -81,45 +83,6 @@ def retrain(config: StudyConfig, params: dict[str, Any], *, train_data: ImageSet
 
 
 # ---------------------------------------------------------------- final evaluation
-
-class FinalResult(NamedTuple):
-    """Test accuracy of one configuration over its seeds."""
-
-    label: str
-    trial_number: int
-    val_accuracy: float | None                  # what the search measured
-    test_accuracies: tuple[float, ...]
-    train_seconds: float                        # mean per run
-
-    @property
-    def mean(self) -> float:
-        return mean_and_std(self.test_accuracies)[0]
-
-    @property
-    def std(self) -> float | None:
-        """Sample standard deviation over seeds; None with a single seed."""
-        return mean_and_std(self.test_accuracies)[1]
-
-
-class TestPredictions(NamedTuple):
-    """The reference model's view of the test set: for the confusion matrix and the t-SNE."""
-
-    label: str
-    trial_number: int
-    labels: np.ndarray                          # true class of every test image
-    predicted: np.ndarray
-    features: np.ndarray                        # penultimate features of a subsample
-    feature_labels: np.ndarray
-
-
-class FinalEvaluation(NamedTuple):
-    results: list[FinalResult]
-    predictions: TestPredictions | None
-    seeds: int
-    epochs: int
-    train_images: int
-    test_images: int
-
 
 class TrainedModels(NamedTuple):
     """What `train_final_models` trained, kept and registered."""

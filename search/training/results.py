@@ -1,5 +1,5 @@
 """What training produces and everyone downstream reads: per-epoch metrics, a training run's
-result, a final (test-set) run, and the seeds that make each reproducible.
+result, a final (test-set) run and a final evaluation, and the seeds that make each reproducible.
 
 Plain data with no behaviour beyond a few derived values, torch-free, so the objective, the
 trackers, retraining and the report all share one definition of each.
@@ -12,6 +12,8 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
+
+import numpy as np
 
 # Seeds of the repeats of one configuration are this far apart, so they never meet another
 # trial's seed (trial seeds are consecutive).
@@ -129,3 +131,45 @@ class FinalTraining(NamedTuple):
     history: list[EpochMetrics]
     model: Any                                  # the `search.training.classifier.Classifier`
     path: str | None                            # where it was saved, if it was
+
+
+MODELS_FOLDER = "models"  # where final models are saved: within <out>/<study_name>/, beside the report
+
+
+class FinalResult(NamedTuple):
+    """Test accuracy of one configuration over its seeds."""
+
+    label: str
+    trial_number: int
+    val_accuracy: float | None                  # what the search measured
+    test_accuracies: tuple[float, ...]
+    train_seconds: float                        # mean per run
+
+    @property
+    def mean(self) -> float:
+        return mean_and_std(self.test_accuracies)[0]
+
+    @property
+    def std(self) -> float | None:
+        """Sample standard deviation over seeds; None with a single seed."""
+        return mean_and_std(self.test_accuracies)[1]
+
+
+class TestPredictions(NamedTuple):
+    """The reference model's view of the test set: for the confusion matrix and the t-SNE."""
+
+    label: str
+    trial_number: int
+    labels: np.ndarray                          # true class of every test image
+    predicted: np.ndarray
+    features: np.ndarray                        # penultimate features of a subsample
+    feature_labels: np.ndarray
+
+
+class FinalEvaluation(NamedTuple):
+    results: list[FinalResult]
+    predictions: TestPredictions | None
+    seeds: int
+    epochs: int
+    train_images: int
+    test_images: int
