@@ -310,6 +310,33 @@ def test_a_failing_tracking_store_warns_and_never_fails_the_trial(mlflow_server,
     assert "MLflow logging failed" in capsys.readouterr().err
 
 
+def test_a_store_failing_just_after_a_run_is_created_leaves_the_trial_leading_to_it(
+        mlflow_server, tmp_path, capsys):
+    """The run exists but its params never arrived: the trial still records its run id, so the
+    backfill completes that run instead of making a second one for the same trial."""
+    config, study = tracked_study(tmp_path, mlflow_server, "fails-after-create")
+    study_run = ParentRun(config)
+    tracker = TrialLogger(study_run)
+    study_run.parent_for(study)  # the study's parent run is there; the trial's run fails halfway
+    log_batch = tracker.client.log_batch
+
+    def broken(*args, **kwargs):
+        raise ConnectionError("server went away")
+
+    tracker.client.log_batch = broken
+    trial = study.ask()
+    tracker.trial_started(trial, {"lr": 0.1})
+    assert "MLflow logging failed" in capsys.readouterr().err
+    run_id = trial.user_attrs[TrialAttr.MLFLOW_RUN_ID]
+    study.tell(trial, 0.5)
+    tracker.client.log_batch = log_batch
+    assert backfill(ParentRun(config), study) == (0, 1)  # completed, none created
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([study_run.experiment_id], "tags.`search.role` = 'trial'")
+    assert [r.info.run_id for r in runs] == [run_id]
+    assert runs[0].info.status == "FINISHED" and "backfilled" not in runs[0].data.tags
+
+
 def test_final_models_are_logged_under_the_study_parent_and_registered(mlflow_server, tmp_path,
                                                                        capsys):
     from helpers import make_model

@@ -5,7 +5,7 @@ and the docs' key tables are generated from these. A key a command shares with a
 
 The docs' tables are written between `<!-- keys: NAME -->` and `<!-- end of keys -->` in the
 pages of `TABLES`; `python -m search.config.command_keys` rewrites them from the declarations,
-and tests/test_config.py fails when a written one differs.
+and tests/test_keys.py fails when a written one differs.
 """
 
 from __future__ import annotations

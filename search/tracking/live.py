@@ -45,10 +45,13 @@ class TrialLogger:
         if not self.study_run.available():
             return
         self.trials += 1
-        with self.study_run.guard(f"starting trial {trial.number}"):
-            run_id = create_trial_run(self.study_run, trial, self.study_run.parent_for(trial.study))
+        def created(run_id: str) -> None:
             self._runs[trial.number] = run_id
             trial.set_user_attr(TrialAttr.MLFLOW_RUN_ID, run_id)
+
+        with self.study_run.guard(f"starting trial {trial.number}"):
+            create_trial_run(self.study_run, trial, self.study_run.parent_for(trial.study),
+                             created=created)
 
     def epoch_ended(self, trial: optuna.Trial, metrics: EpochMetrics) -> None:
         run_id = self._runs.get(trial.number)

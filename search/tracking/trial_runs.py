@@ -17,6 +17,7 @@ killed worker or a crash leaves nothing that a rerun does not complete, and noth
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -44,14 +45,21 @@ FINAL_METRICS = {TrialAttr.BEST_VAL_ACCURACY: "best_val_accuracy",
 # ---------------------------------------------------------------- one trial's run
 
 def create_trial_run(study_run: ParentRun, trial: optuna.Trial | FrozenTrial, parent: str, *,
-                     backfilled: bool = False) -> str:
-    """A new run for `trial` under `parent`, with its tags and params; returns its id."""
+                     backfilled: bool = False,
+                     created: Callable[[str], None] | None = None) -> str:
+    """A new run for `trial` under `parent`, with its tags and params; returns its id.
+
+    `created(run_id)` is called as soon as the run exists, before its params are sent: a live
+    trial records its run there, so a store that fails in between leaves a run its trial leads
+    to, never one that only the trial number finds."""
     start = int(trial.datetime_start.timestamp() * 1000) if trial.datetime_start else None
     tags = trial_tags(study_run, trial, parent)
     if backfilled:
         tags["backfilled"] = "true"
     run = study_run.client.create_run(study_run.experiment_id, start_time=start, tags=tags,
                                       run_name=f"trial-{trial.number:04d}")
+    if created is not None:
+        created(run.info.run_id)
     study_run.client.log_batch(run.info.run_id, params=trial_params(study_run, trial))
     return run.info.run_id
 
