@@ -3,7 +3,10 @@ pruning, Ctrl-C and resume, baselines."""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from helpers import (
     FAKE,
     FINISHED,
     TINY,
+    cli_env,
     load,
     run_cli,
     space_choices,
@@ -31,6 +35,19 @@ def test_help_lists_keys_studies_and_examples(tmp_path):
     for fragment in ("usage: python -m search.run", "n_trials", "pruner", "space.NAME.FIELD",
                      "tracking_uri", "studies: cnn3, cnn3-fashion, resnet20", "examples:"):
         assert fragment in result.stdout
+
+
+def test_help_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`python -m search.run --help | head -3`: the reader is gone before the help is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write now fails with EPIPE, as once `head` has exited
+    try:
+        result = subprocess.run([sys.executable, "-m", "search.run", "--help"], cwd=tmp_path,
+                                env=cli_env(), stdout=write_end, stderr=subprocess.PIPE,
+                                text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141 and "Traceback" not in result.stderr, result.stderr
 
 
 def test_cfg_prints_the_resolved_config_and_runs_nothing(tmp_path):

@@ -52,6 +52,9 @@ def main_guard(body: Callable[[list[str]], int], argv: list[str] | None = None) 
         # Masked here whatever raised it: a message quoting a URL never shows its password.
         print(f"error: {masked(str(error))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `--help | head` closed the pipe: not an error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the final flush is quiet
+        return 141  # as a shell reports a command ended by SIGPIPE
 
 
 # Every database connection a command opened (SQLite, PostgreSQL; Optuna's and MLflow's), so that
