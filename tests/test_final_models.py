@@ -50,6 +50,7 @@ def test_a_registered_model_reproduces_its_test_accuracy_in_a_fresh_process(tmp_
     report = run_cli("search.report", "study=cnn3", *where[:2], "study_name=bestout",
                      "retrain=top1", "seeds=1", f"out={tmp_path / 'reports'}", cwd=tmp_path)
     assert report.returncode == 0, report.stderr
+    assert "Downloading artifacts" not in report.stderr + report.stdout  # no progress bar per file
     registered = re.search(r"Registered (models:/bestout-best/(\d+)) ", report.stdout)
     assert registered, report.stdout
     uri, version = registered.groups()

@@ -56,7 +56,9 @@ def registered_name(study_name: str) -> str:
 def _tracking(uri: StoreUrl) -> contextlib.AbstractContextManager:
     """`mlflow.pytorch` and `mlflow.register_model` read the process-wide tracking URI (and the
     registry follows it unless set apart); point it at `uri` for one call, then put back exactly
-    what was there, unset included (a notebook's own setting survives)."""
+    what was there, unset included (a notebook's own setting survives). A model is a few small
+    files: a progress bar per upload or download would be noise in a command's output."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return _use_tracking_uri(uri.raw)
 
 
@@ -196,8 +198,6 @@ def load_logged_model(model_uri: str, tracking: StoreUrl, device: str | torch.de
             version does not exist, or it is not a model of this package.
     """
     check_existing_tracking(tracking)
-    # A model is a few small files: a progress bar per download is noise in predict's output.
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         with _tracking(tracking), tempfile.TemporaryDirectory() as folder:
             local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=folder))
