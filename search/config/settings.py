@@ -46,7 +46,7 @@ from search.config.keys import (
     declared,
 )
 from search.config.params import MODELS, known_params
-from search.config.space import ParamSpec, check_baseline, parse_space
+from search.config.space import ENTRY_FIELDS, ParamSpec, check_baseline, parse_space
 from search.config.strategies import PrunerConfig, SamplerConfig
 from search.config.urls import DEFAULTS, StoreUrl, store_url
 
@@ -261,8 +261,9 @@ def valid_keys(tree: dict[str, Any]) -> list[str]:
             for name, entry in value.items():
                 keys.append(f"space.{name}")
                 if isinstance(entry, dict):
-                    keys += [f"space.{name}.{f}" for f in ("type", "low", "high", "log", "step",
-                                                          "choices", "when", "ranges")]
+                    # Any type's fields: an override may change the entry's type as well.
+                    keys += [f"space.{name}.{f}" for f in dict.fromkeys(
+                        f for fields in ENTRY_FIELDS.values() for f in fields)]
                     ranges = entry.get("ranges")
                     for parent, per_value in (ranges.items() if isinstance(ranges, dict) else ()):
                         keys += [f"space.{name}.ranges.{parent}"]

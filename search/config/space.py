@@ -18,11 +18,10 @@ import optuna
 from search.config.errors import SearchError, shown
 from search.config.params import ALIASES, DISTRIBUTIONS, PARAMS, Param, is_finite, known_params
 
-_FIELDS = {
-    "float": {"type", "low", "high", "log", "step", "when", "ranges"},
-    "int": {"type", "low", "high", "log", "step", "when", "ranges"},
-    "categorical": {"type", "choices", "when"},
-}
+_NUMBER_FIELDS = ("type", "low", "high", "log", "step", "when", "ranges")
+# The fields an entry of each type may have; an override sets one as space.NAME.FIELD.
+ENTRY_FIELDS = {"float": _NUMBER_FIELDS, "int": _NUMBER_FIELDS,
+                "categorical": ("type", "choices", "when")}
 
 
 @dataclass(frozen=True)
@@ -136,12 +135,12 @@ def parse_param(name: str, entry: Any, earlier: Sequence[str]) -> ParamSpec:
     if kind not in DISTRIBUTIONS:
         raise _fail(name, f"'type' must be one of {', '.join(DISTRIBUTIONS)} (got {kind!r}); "
                           "a plain value instead of a mapping fixes the parameter.")
-    unknown = sorted(set(entry) - _FIELDS[kind])
+    unknown = sorted(set(entry).difference(ENTRY_FIELDS[kind]))
     if unknown:
-        hint = difflib.get_close_matches(unknown[0], _FIELDS[kind], n=1)
+        hint = difflib.get_close_matches(unknown[0], ENTRY_FIELDS[kind], n=1)
         raise _fail(name, f"unknown field '{unknown[0]}' for a {kind} parameter"
                           + (f" (did you mean '{hint[0]}'?)" if hint else "")
-                          + f"; allowed: {', '.join(sorted(_FIELDS[kind]))}.")
+                          + f"; allowed: {', '.join(sorted(ENTRY_FIELDS[kind]))}.")
     when = _parse_when(name, entry.get("when"), earlier)
     if kind == "categorical":
         choices = entry.get("choices")
