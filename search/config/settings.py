@@ -47,7 +47,7 @@ from search.config.keys import (
 )
 from search.config.params import MODELS, known_params
 from search.config.space import ENTRY_FIELDS, ParamSpec, check_baseline, parse_space
-from search.config.strategies import PrunerConfig, SamplerConfig
+from search.config.strategies import PRUNERS, PrunerConfig, SamplerConfig
 from search.config.urls import DEFAULTS, StoreUrl, store_url
 
 MAX_SEED = 2**31 - 1  # numpy's and Optuna's samplers take 32-bit seeds; trial seeds add to it
@@ -374,7 +374,7 @@ def build_config(tree: dict[str, Any]) -> StudyConfig:
     values = {key: setting.check(key, tree[key]) for key, setting in SETTINGS.items()
               if setting.check is not None}
     sampler, pruner = _section("sampler", tree["sampler"]), _section("pruner", tree["pruner"])
-    if pruner.name in ("hyperband", "successive_halving") and pruner.reduction_factor < 2:
+    if "reduction_factor" in PRUNERS[pruner.name].reads and pruner.reduction_factor < 2:
         raise SearchError(f"pruner.reduction_factor={pruner.reduction_factor}: must be >= 2.")
     if pruner.min_resource > values["epochs"]:
         raise SearchError(f"pruner.min_resource={pruner.min_resource}: must not exceed "
