@@ -44,6 +44,7 @@ from search.config.keys import (
     Whole,
     declare,
     declared,
+    with_defaults,
 )
 from search.config.params import MODELS, known_params
 from search.config.space import ENTRY_FIELDS, ParamSpec, check_baseline, parse_space
@@ -366,7 +367,7 @@ def _section(name: str, data: Any) -> Any:
             raise SearchError(f"{name}.{field_name}: unknown key; allowed: {', '.join(keys)}.")
         values[field_name] = keys[field_name].check(
             name if field_name == "name" else f"{name}.{field_name}", value)
-    return record(**{**{k: d.default for k, d in keys.items()}, **values})
+    return record(**with_defaults(keys, values))
 
 
 def build_config(tree: dict[str, Any]) -> StudyConfig:
